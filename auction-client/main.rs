@@ -1,0 +1,40 @@
+//! `auction-client`: an automatic bidder that bids through Redis Pub/Sub.
+
+use clap::Parser;
+
+/// Automatic bidder for the Redis auction system.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    bidder: auction::bidder::BidderArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let _telemetry = match auction::telemetry::init("auction-client") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("auction-client: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match auction::bidder::run(cli.bidder, auction::telemetry::shutdown_signal()).await {
+        Ok(summary) => {
+            for (auction, winner, amount) in &summary.closed {
+                println!(
+                    "auction {auction} closed: winner {} amount {}",
+                    winner.as_deref().unwrap_or("(none)"),
+                    amount.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+                );
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("auction-client: {e:#}");
+            eprintln!("auction-client: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The auction server: wires the Sentinel link, the command subscription, the router and
+//! its workers, the closer and the group commit together, and shuts them down in order.
+//!
+//! Intake is one task reading the command channel in arrival order: it validates each
+//! message at the boundary (bad ones are counted, logged with the reason and, when they
+//! name a bid, answered with `bid_rejected`) and hands good bids to the router. Nothing
+//! here blocks on Redis per message except the bounded hand-off, so a flood of garbage
+//! cannot stall valid bids behind round trips.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::{RedisArgs, parse_duration};
+use crate::keyspace::{AuctionId, truncate};
+use crate::ledger::AuctionSpec;
+use crate::metrics::{Counters, inc};
+use crate::replication::Replication;
+use crate::router::Router;
+use crate::sentinel::{Master, Settings};
+use crate::subscription::Subscription;
+use crate::task::TaskGuard;
+use crate::wire::{self, Event};
+use crate::worker::{self, WorkerContext, WorkerSettings};
+
+/// Default auction duration.
+pub const DEFAULT_AUCTION_DURATION: &str = "30s";
+
+/// Server configuration (flags with environment fallbacks).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// Redis / Sentinel / channel settings.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Open one auction for ITEM at start, as the prototype did.
+    #[arg(long, env = "OPEN_ON_START", value_name = "ITEM")]
+    pub open_on_start: Option<String>,
+    /// Duration of auctions opened without an explicit one.
+    #[arg(long, env = "AUCTION_DURATION", default_value = DEFAULT_AUCTION_DURATION, value_parser = parse_duration)]
+    pub auction_duration: Duration,
+    /// Starting price of --open-on-start auctions, minor units.
+    #[arg(long, env = "STARTING_PRICE", default_value_t = 100)]
+    pub starting_price: u64,
+    /// Minimum increment of --open-on-start auctions, minor units.
+    #[arg(long, env = "MIN_INCREMENT", default_value_t = 10)]
+    pub min_increment: u64,
+    /// Reserve price of --open-on-start auctions, minor units (0 = none).
+    #[arg(long, env = "RESERVE_PRICE", default_value_t = 0)]
+    pub reserve_price: u64,
+    /// Replicas that must acknowledge a write before its outcome is announced (0 = don't wait).
+    #[arg(long, env = "WAIT_REPLICAS", default_value_t = 1)]
+    pub wait_replicas: u32,
+    /// Bound on each WAIT for replicas.
+    #[arg(long, env = "WAIT_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+    /// Lease on an auction's lock; another server takes over this long after a crash.
+    #[arg(long, env = "LOCK_LEASE", default_value = "5s", value_parser = parse_duration)]
+    pub lock_lease: Duration,
+    /// Bound on draining in-flight work at shutdown.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServerArgs {
+    /// Defaults for a local topology (tests, demos).
+    pub fn local(redis: RedisArgs) -> Self {
+        Self {
+            redis,
+            open_on_start: None,
+            auction_duration: Duration::from_secs(30),
+            starting_price: 100,
+            min_increment: 10,
+            reserve_price: 0,
+            wait_replicas: 1,
+            wait_timeout: Duration::from_millis(500),
+            lock_lease: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// The spec of the --open-on-start auction.
+    pub fn open_on_start_spec(&self) -> Option<AuctionSpec> {
+        self.open_on_start.as_ref().map(|item| AuctionSpec {
+            item: item.clone(),
+            duration: self.auction_duration,
+            starting_price: self.starting_price,
+            min_increment: self.min_increment,
+            reserve_price: self.reserve_price,
+        })
+    }
+
+    /// Validates everything clap cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.redis.validate().map_err(anyhow::Error::msg)?;
+        if let Some(spec) = self.open_on_start_spec() {
+            spec.validate().context("invalid --open-on-start auction")?;
+        }
+        if self.lock_lease < Duration::from_millis(300) {
+            anyhow::bail!("LOCK_LEASE must be at least 300ms");
+        }
+        if self.wait_timeout >= self.lock_lease / 3 {
+            anyhow::bail!("WAIT_TIMEOUT must be shorter than a third of LOCK_LEASE");
+        }
+        Ok(())
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then drains and returns.
+pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    args.validate()?;
+    let counters = Arc::new(Counters::default());
+    let master = Master::start(Settings::from_args(&args.redis));
+    let replication = Replication::start(master.clone(), args.wait_replicas, args.wait_timeout);
+    let host = crate::host_name();
+    let ctx = Arc::new(WorkerContext {
+        master: master.clone(),
+        replication,
+        owner: crate::lock::owner_id(&host),
+        event_channel: args.redis.event_channel.clone(),
+        settings: WorkerSettings {
+            lease: args.lock_lease,
+            idle_release: args.lock_lease * 2,
+            ..WorkerSettings::default()
+        },
+        counters: counters.clone(),
+    });
+    info!(owner = %ctx.owner, sentinels = ?args.redis.sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(), "auction server starting");
+    let (router, router_task) = Router::start(ctx.clone(), args.shutdown_grace);
+
+    let (msg_tx, mut msg_rx) = mpsc::channel(4096);
+    let subscription = Subscription::start(
+        master.clone(),
+        vec![args.redis.command_channel.clone()],
+        msg_tx,
+    );
+    let (stop_closer_tx, stop_closer_rx) = tokio::sync::oneshot::channel::<()>();
+    let closer = TaskGuard::new(
+        "closer",
+        tokio::spawn(crate::closer::run(master.clone(), router.clone(), async {
+            let _ = stop_closer_rx.await;
+        })),
+    );
+    let (reject_tx, reject_rx) = mpsc::channel(1024);
+    let _rejecter = TaskGuard::new(
+        "malformed-message answers",
+        tokio::spawn(answer_malformed(master.clone(), ctx.clone(), reject_rx)),
+    );
+    let _opener = args.open_on_start_spec().map(|spec| {
+        TaskGuard::new(
+            "open on start",
+            tokio::spawn(open_on_start(router.clone(), spec)),
+        )
+    });
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            msg = msg_rx.recv() => {
+                let Some(msg) = msg else { break };
+                inc(&counters.messages_received);
+                match wire::decode_command(&msg.payload) {
+                    Ok(bid) => router.bid(bid).await,
+                    Err(bad) => {
+                        inc(&counters.messages_malformed);
+                        warn!(
+                            reason = bad.error.reason(),
+                            error = %bad.error,
+                            bid_id = ?bad.bid_id,
+                            payload = %truncate(&String::from_utf8_lossy(&msg.payload), 200),
+                            "refused a command-channel message"
+                        );
+                        if let Some(event) = Event::for_malformed(&bad) {
+                            // Answering is best effort: under a flood of garbage, drop answers
+                            // rather than slow down intake of valid bids.
+                            let _ = reject_tx.try_send(event);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    info!("shutting down: no new bids; draining auctions in progress");
+    drop(subscription);
+    let _ = stop_closer_tx.send(());
+    closer.join(Duration::from_secs(1)).await;
+    drop(router);
+    router_task
+        .join(args.shutdown_grace + Duration::from_secs(1))
+        .await;
+    info!(counters = ?counters.snapshot(), "auction server stopped");
+    Ok(())
+}
+
+async fn answer_malformed(master: Master, ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Event>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        if let Err(e) = worker::publish(&master, &ctx.event_channel, &batch, &ctx.counters).await {
+            warn!(error = %e, dropped = batch.len(), "could not answer malformed messages");
+        }
+        batch.clear();
+    }
+}
+
+async fn open_on_start(router: Router, spec: AuctionSpec) {
+    let id = AuctionId::random();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    // Bounded: about a minute of retries covers a topology that is still starting.
+    for _ in 0..40 {
+        match router.open(id.clone(), spec.clone()).await {
+            Ok(event) => {
+                info!(auction = %id, item = %spec.item, event = %event.to_json(), "opened the --open-on-start auction");
+                return;
+            }
+            Err(e) => {
+                warn!(auction = %id, error = %e, "cannot open the --open-on-start auction yet; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+    warn!(auction = %id, "gave up opening the --open-on-start auction; open one with the admin API");
+}

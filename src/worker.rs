@@ -1,0 +1,565 @@
+//! The auction worker: the one task in the whole system that mutates a given auction.
+//!
+//! A worker holds its auction's lease (see [`crate::lock`]), renews it while busy, and
+//! handles that auction's work strictly in arrival order: bids are judged in batches (one
+//! script call for everything queued), the batch is made durable with one group-commit
+//! `WAIT`, and only then are its events published, in `seq` order. Opening and closing go
+//! through the same queue, so they are serialized with bids. When the lease is lost the
+//! worker stops at once and drops what it queued (bidders retry); when it goes idle it
+//! finishes its queue, releases the lease and exits.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::keyspace::AuctionId;
+use crate::ledger::{self, AuctionSpec, CloseMode, Closed, LedgerError};
+use crate::lock::{self, Acquire, Lease};
+use crate::metrics::{Counters, add, inc};
+use crate::replication::Replication;
+use crate::sentinel::Master;
+use crate::wire::{Bid, Event};
+
+/// Tunables shared by every worker of a server.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// Lease duration; renewed every third of it.
+    pub lease: Duration,
+    /// Release the lease after this long without work.
+    pub idle_release: Duration,
+    /// Most bids judged in one script call.
+    pub max_batch: usize,
+    /// Per-auction queue capacity.
+    pub queue: usize,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(5),
+            idle_release: Duration::from_secs(10),
+            max_batch: 256,
+            queue: 1024,
+        }
+    }
+}
+
+/// Everything a worker needs, shared by all workers of one server.
+pub struct WorkerContext {
+    /// The master handle.
+    pub master: Master,
+    /// Group commit.
+    pub replication: Replication,
+    /// This process's lock owner id.
+    pub owner: String,
+    /// Channel events are published on.
+    pub event_channel: String,
+    /// Tunables.
+    pub settings: WorkerSettings,
+    /// Counters.
+    pub counters: Arc<Counters>,
+}
+
+/// Why an admin operation did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    /// Another server holds this auction's lease right now; retry shortly.
+    #[error("another server holds this auction's lease; retry shortly")]
+    Busy,
+    /// Redis is unreachable or refused; retry.
+    #[error("Redis unavailable: {0}")]
+    Unavailable(String),
+    /// Open: the id is taken.
+    #[error("an auction with this id already exists")]
+    AlreadyExists,
+    /// The auction does not exist.
+    #[error("no such auction")]
+    NotFound,
+    /// The outcome is stored but could not be confirmed durable (no replica acknowledged).
+    #[error("stored but not yet confirmed on a replica: {0}")]
+    NotDurable(String),
+}
+
+/// One unit of work for an auction.
+#[derive(Debug)]
+pub enum Work {
+    /// Judge a bid.
+    Bid(Bid),
+    /// Open the auction.
+    Open {
+        /// Parameters.
+        spec: AuctionSpec,
+        /// Gets the `auction_opened` event.
+        reply: oneshot::Sender<Result<Event, OpError>>,
+    },
+    /// Close the auction.
+    Close {
+        /// Deadline-driven or forced.
+        mode: CloseMode,
+        /// Gets the outcome, when someone waits for it.
+        reply: Option<oneshot::Sender<Result<Closed, OpError>>>,
+    },
+}
+
+/// Sent to the router when a worker ends.
+#[derive(Debug)]
+pub struct Exit {
+    /// The auction.
+    pub auction: AuctionId,
+    /// The worker's generation, so the router ignores exits of replaced workers.
+    pub generation: u64,
+    /// Set when another server holds the lease: leave its bids alone for this long.
+    pub busy_for: Option<Duration>,
+}
+
+enum Stop {
+    /// Lease lost or never acquired; bids left in the queue belong to someone else now.
+    NotOwner(Option<Duration>),
+    /// Redis is down; queued work cannot be done now.
+    Unavailable(String),
+    /// Finished normally (idle, closed, or the router is gone) with the lease released.
+    Done,
+}
+
+/// Runs one worker until it stops, then tells the router through `exits`.
+pub async fn run(
+    ctx: Arc<WorkerContext>,
+    auction: AuctionId,
+    generation: u64,
+    mut rx: mpsc::Receiver<Work>,
+    must_exist: bool,
+    exits: mpsc::UnboundedSender<Exit>,
+) {
+    let stop = serve(&ctx, &auction, &mut rx, must_exist).await;
+    rx.close();
+    let busy_for = match &stop {
+        Stop::NotOwner(d) => Some(d.unwrap_or(ctx.settings.lease / 5)),
+        Stop::Unavailable(_) => Some(Duration::from_millis(200)),
+        Stop::Done => None,
+    };
+    // Whatever is still queued cannot be done by us: bids are left for their bidders to
+    // retry (with the same bid_id, so nothing is judged twice); admin callers get an error.
+    while let Ok(work) = rx.try_recv() {
+        let err = match &stop {
+            Stop::Unavailable(e) => OpError::Unavailable(e.clone()),
+            _ => OpError::Busy,
+        };
+        match work {
+            Work::Bid(_) => inc(&ctx.counters.bids_left_to_owner),
+            Work::Open { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Work::Close { reply, .. } => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(err));
+                }
+            }
+        }
+    }
+    let _ = exits.send(Exit {
+        auction,
+        generation,
+        busy_for,
+    });
+}
+
+async fn serve(
+    ctx: &WorkerContext,
+    auction: &AuctionId,
+    rx: &mut mpsc::Receiver<Work>,
+    must_exist: bool,
+) -> Stop {
+    let mut lease = match take_lease(ctx, auction, must_exist).await {
+        Ok(Some(lease)) => lease,
+        Ok(None) => {
+            // No such auction: answer every queued request so nobody waits in vain.
+            rx.close();
+            let mut w = Worker { ctx, lease: None };
+            while let Some(work) = rx.recv().await {
+                w.unknown(work).await;
+            }
+            return Stop::Done;
+        }
+        Err(stop) => return stop,
+    };
+    debug!(%auction, token = lease.token(), "lease acquired");
+    inc(&ctx.counters.leases_acquired);
+    let mut renew = tokio::time::interval(ctx.settings.lease / 3);
+    renew.tick().await;
+    let mut idle_since = Instant::now();
+    let mut closing = false;
+    let mut w = Worker {
+        ctx,
+        lease: Some(lease.clone()),
+    };
+    let stop = loop {
+        let idle_deadline = tokio::time::Instant::from_std(idle_since + ctx.settings.idle_release);
+        tokio::select! {
+            biased;
+            _ = renew.tick() => {
+                if let Err(stop) = renew_lease(ctx, &mut lease).await {
+                    break stop;
+                }
+                w.lease = Some(lease.clone());
+            }
+            work = rx.recv() => {
+                let Some(first) = work else { break Stop::Done };
+                let mut batch = vec![first];
+                while batch.len() < ctx.settings.max_batch {
+                    match rx.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
+                match w.handle(batch).await {
+                    Ok(closed) => closing |= closed,
+                    Err(stop) => break stop,
+                }
+                idle_since = Instant::now();
+                if closing {
+                    // Closed: stop taking new work, answer what is queued, then let go.
+                    rx.close();
+                }
+            }
+            _ = tokio::time::sleep_until(idle_deadline), if !closing => {
+                // Idle: finish anything that raced in, then let the lease go.
+                rx.close();
+                closing = true;
+            }
+        }
+    };
+    if matches!(stop, Stop::Done) {
+        if let Ok(link) = ctx.master.link(Duration::from_secs(1)).await {
+            let mut conn = link.conn.clone();
+            if let Err(e) = lock::release(&mut conn, &lease).await {
+                debug!(%auction, error = %e, "lease release failed; it will expire");
+            }
+        }
+        debug!(%auction, "lease released");
+    } else {
+        inc(&ctx.counters.leases_lost);
+    }
+    stop
+}
+
+async fn take_lease(
+    ctx: &WorkerContext,
+    auction: &AuctionId,
+    must_exist: bool,
+) -> Result<Option<Lease>, Stop> {
+    let link = ctx
+        .master
+        .link(Duration::from_secs(2))
+        .await
+        .map_err(|e| Stop::Unavailable(e.to_string()))?;
+    let mut conn = link.conn.clone();
+    match lock::acquire(
+        &mut conn,
+        auction,
+        &ctx.owner,
+        ctx.settings.lease,
+        must_exist,
+    )
+    .await
+    {
+        Ok(Acquire::Acquired(lease)) => Ok(Some(lease)),
+        Ok(Acquire::Held(ttl)) => Err(Stop::NotOwner(Some(ttl))),
+        Ok(Acquire::UnknownAuction) => Ok(None),
+        Err(e) => {
+            ctx.master.report(link.generation, &e);
+            Err(Stop::Unavailable(e.to_string()))
+        }
+    }
+}
+
+async fn renew_lease(ctx: &WorkerContext, lease: &mut Lease) -> Result<(), Stop> {
+    let link = match ctx.master.link(ctx.settings.lease / 3).await {
+        Ok(l) => l,
+        Err(e) if lease.locally_valid() => {
+            debug!(auction = %lease.auction(), error = %e, "cannot renew now; lease still valid");
+            return Ok(());
+        }
+        Err(e) => return Err(Stop::Unavailable(e.to_string())),
+    };
+    let mut conn = link.conn.clone();
+    match lock::renew(&mut conn, lease).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            warn!(auction = %lease.auction(), token = lease.token(), "lease lost (expired or taken over); stopping this auction's worker");
+            Err(Stop::NotOwner(None))
+        }
+        Err(e) => {
+            ctx.master.report(link.generation, &e);
+            if lease.locally_valid() {
+                Ok(())
+            } else {
+                Err(Stop::Unavailable(e.to_string()))
+            }
+        }
+    }
+}
+
+struct Worker<'a> {
+    ctx: &'a WorkerContext,
+    lease: Option<Lease>,
+}
+
+impl Worker<'_> {
+    /// Handles a batch in order. Returns true once the auction is closed.
+    async fn handle(&mut self, batch: Vec<Work>) -> Result<bool, Stop> {
+        let mut closed = false;
+        let mut bids = Vec::new();
+        for work in batch {
+            match work {
+                Work::Bid(bid) => bids.push(bid),
+                other => {
+                    // Keep arrival order: bids queued before an admin operation go first.
+                    if !bids.is_empty() {
+                        self.judge(std::mem::take(&mut bids)).await?;
+                    }
+                    closed |= self.admin(other).await?;
+                }
+            }
+        }
+        if !bids.is_empty() {
+            self.judge(bids).await?;
+        }
+        Ok(closed)
+    }
+
+    fn lease(&self) -> Result<&Lease, Stop> {
+        self.lease.as_ref().ok_or(Stop::NotOwner(None))
+    }
+
+    /// Runs a fenced ledger call, retrying transient Redis errors while the lease may
+    /// still be valid. Returns the result and the link generation it ran on.
+    async fn fenced<T, F, Fut>(&self, what: &str, call: F) -> Result<(T, u64), Stop>
+    where
+        F: Fn(redis::aio::MultiplexedConnection, Lease) -> Fut,
+        Fut: std::future::Future<Output = Result<T, LedgerError>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+        loop {
+            let lease = self.lease()?.clone();
+            if !lease.locally_valid() {
+                return Err(Stop::NotOwner(None));
+            }
+            let link = match self.ctx.master.link(lease.ttl() / 3).await {
+                Ok(l) => l,
+                Err(e) => return Err(Stop::Unavailable(e.to_string())),
+            };
+            match call(link.conn.clone(), lease.clone()).await {
+                Ok(v) => return Ok((v, link.generation)),
+                Err(LedgerError::Fenced) => {
+                    warn!(auction = %lease.auction(), token = lease.token(), what, "write refused by the fence: lease lost; stopping this auction's worker");
+                    return Err(Stop::NotOwner(None));
+                }
+                Err(LedgerError::Redis(e)) => {
+                    self.ctx.master.report(link.generation, &e);
+                    if backoff.attempts() >= 5 {
+                        return Err(Stop::Unavailable(e.to_string()));
+                    }
+                    debug!(auction = %lease.auction(), what, error = %e, "retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    async fn judge(&mut self, bids: Vec<Bid>) -> Result<(), Stop> {
+        let n = bids.len() as u64;
+        let bids = Arc::new(bids);
+        let (judged, generation) = self
+            .fenced("place bids", |mut conn, lease| {
+                let bids = bids.clone();
+                async move { ledger::place_bids(&mut conn, &lease, &bids).await }
+            })
+            .await
+            .inspect_err(|_| add(&self.ctx.counters.bids_deferred, n))?;
+        let c = &self.ctx.counters;
+        for j in &judged {
+            match (&j.event, j.fresh) {
+                (_, false) => inc(&c.bids_duplicate),
+                (Event::BidAccepted { .. }, true) => inc(&c.bids_accepted),
+                (Event::BidRejected { seq: Some(_), .. }, true) => inc(&c.bids_rejected),
+                _ => inc(&c.bids_refused),
+            }
+        }
+        let events: Vec<Event> = judged.into_iter().map(|j| j.event).collect();
+        if let Err(e) = self.durable_then_publish(generation, &events).await {
+            add(&self.ctx.counters.bids_deferred, n);
+            warn!(error = %e, bids = n, "outcomes stored but not announced; bidders' retries will announce them");
+        }
+        Ok(())
+    }
+
+    /// Waits for replication of everything written so far, then publishes `events` in order.
+    async fn durable_then_publish(&self, generation: u64, events: &[Event]) -> Result<(), OpError> {
+        let mut attempt = 0;
+        loop {
+            match self.ctx.replication.wait(generation).await {
+                Ok(()) => break,
+                Err(crate::replication::NotDurable::Shortfall { .. }) if attempt < 3 => {
+                    attempt += 1
+                }
+                Err(e) => return Err(OpError::NotDurable(e.to_string())),
+            }
+        }
+        publish(
+            &self.ctx.master,
+            &self.ctx.event_channel,
+            events,
+            &self.ctx.counters,
+        )
+        .await
+        .map_err(OpError::Unavailable)
+    }
+
+    async fn admin(&mut self, work: Work) -> Result<bool, Stop> {
+        match work {
+            Work::Bid(_) => Ok(false),
+            Work::Open { spec, reply } => {
+                let spec = Arc::new(spec);
+                let result = self
+                    .fenced("open", |mut conn, lease| {
+                        let spec = spec.clone();
+                        async move { ledger::open(&mut conn, &lease, &spec).await }
+                    })
+                    .await;
+                let (opened, generation) = match result {
+                    Ok(v) => v,
+                    Err(stop) => {
+                        let _ = reply.send(Err(stop_error(&stop)));
+                        return Err(stop);
+                    }
+                };
+                let answer = match opened {
+                    Some(event) => {
+                        inc(&self.ctx.counters.auctions_opened);
+                        info!(auction = ?event.auction_id(), item = %spec.item, "auction opened");
+                        self.durable_then_publish(generation, std::slice::from_ref(&event))
+                            .await
+                            .map(|()| event)
+                    }
+                    None => Err(OpError::AlreadyExists),
+                };
+                let _ = reply.send(answer);
+                Ok(false)
+            }
+            Work::Close { mode, reply } => {
+                let result = self
+                    .fenced("close", |mut conn, lease| async move {
+                        ledger::close(&mut conn, &lease, mode).await
+                    })
+                    .await;
+                let (closed, generation) = match result {
+                    Ok(v) => v,
+                    Err(stop) => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Err(stop_error(&stop)));
+                        }
+                        return Err(stop);
+                    }
+                };
+                let (answer, done) = match &closed {
+                    Closed::Now(event) | Closed::Already(event) => {
+                        if matches!(closed, Closed::Now(_)) {
+                            inc(&self.ctx.counters.auctions_closed);
+                            info!(auction = ?event.auction_id(), ?event, "auction closed");
+                        }
+                        // An earlier close may have been stored but never announced (its
+                        // server died): announcing again is harmless, subscribers dedupe by seq.
+                        let published = self
+                            .durable_then_publish(generation, std::slice::from_ref(event))
+                            .await;
+                        (published.map(|()| closed.clone()), true)
+                    }
+                    Closed::NotDue(_) => (Ok(closed.clone()), false),
+                    Closed::Unknown => (Err(OpError::NotFound), true),
+                };
+                if let Some(r) = reply {
+                    let _ = r.send(answer);
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    /// Answers work for an auction that does not exist.
+    async fn unknown(&mut self, work: Work) {
+        match work {
+            Work::Bid(bid) => {
+                inc(&self.ctx.counters.bids_refused);
+                let event = Event::BidRejected {
+                    auction_id: Some(bid.auction_id.to_string()),
+                    seq: None,
+                    bid_id: bid.bid_id,
+                    bidder: Some(bid.bidder),
+                    amount: Some(bid.amount),
+                    reason: crate::wire::RejectReason::UnknownAuction,
+                    detail: None,
+                    next_min: None,
+                };
+                if let Err(e) = publish(
+                    &self.ctx.master,
+                    &self.ctx.event_channel,
+                    &[event],
+                    &self.ctx.counters,
+                )
+                .await
+                {
+                    debug!(error = %e, "could not announce an unknown-auction rejection");
+                }
+            }
+            Work::Open { reply, .. } => {
+                let _ = reply.send(Err(OpError::Unavailable("lease not acquired".into())));
+            }
+            Work::Close { reply, .. } => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(OpError::NotFound));
+                }
+            }
+        }
+    }
+}
+
+fn stop_error(stop: &Stop) -> OpError {
+    match stop {
+        Stop::Unavailable(e) => OpError::Unavailable(e.clone()),
+        _ => OpError::Busy,
+    }
+}
+
+/// Publishes `events` in order, pipelined, on the current master.
+pub async fn publish(
+    master: &Master,
+    channel: &str,
+    events: &[Event],
+    counters: &Counters,
+) -> Result<(), String> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let link = master
+        .link(Duration::from_secs(1))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut pipe = redis::pipe();
+    for e in events {
+        pipe.cmd("PUBLISH").arg(channel).arg(e.to_json()).ignore();
+    }
+    let mut conn = link.conn.clone();
+    match pipe.query_async::<()>(&mut conn).await {
+        Ok(()) => {
+            add(&counters.events_published, events.len() as u64);
+            Ok(())
+        }
+        Err(e) => {
+            master.report(link.generation, &e);
+            Err(e.to_string())
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Shared helpers for the integration tests: the real binaries as child processes, an
+//! event tap on the real event channel, and bounded waits.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use auction::devstack::{DevStack, DevStackConfig};
+use auction::wire::Event;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+
+/// Starts the default topology: a master, 2 replicas, 3 Sentinels.
+pub async fn stack() -> DevStack {
+    DevStack::start(DevStackConfig::default())
+        .await
+        .expect("start the local Redis topology")
+}
+
+/// A running binary; killed on drop, its log printed if the test is failing.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and `env`, logging to a file in `dir`.
+    pub fn spawn(
+        dir: &Path,
+        name: &str,
+        bin: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("create log file");
+        let err = out.try_clone().expect("clone log file");
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .env("RUST_LOG", "info,auction=debug")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("REDIS_SENTINELS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `limit` for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<i32> {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if tokio::time::Instant::now() > until {
+                bail!("{} did not exit within {limit:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "----- {} (last {} lines) -----\n{}",
+                self.name,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+pub const SERVER: &str = env!("CARGO_BIN_EXE_auction-server");
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_auction-client");
+
+/// Starts an auction-server against `stack` with extra env.
+pub fn server(stack: &DevStack, name: &str, env: &[(&str, String)]) -> Proc {
+    let mut all = vec![("REDIS_SENTINELS", stack.sentinels_csv())];
+    all.extend(env.iter().cloned());
+    Proc::spawn(stack.dir(), name, SERVER, &[], &all)
+}
+
+/// Starts an auction-client named `name` against `stack` with extra env.
+pub fn client(stack: &DevStack, name: &str, env: &[(&str, String)]) -> Proc {
+    let mut all = vec![
+        ("REDIS_SENTINELS", stack.sentinels_csv()),
+        ("BIDDER_NAME", name.to_owned()),
+    ];
+    all.extend(env.iter().cloned());
+    Proc::spawn(stack.dir(), name, CLIENT, &[], &all)
+}
+
+/// A multiplexed connection to the current master.
+pub async fn master_conn(stack: &DevStack) -> redis::aio::MultiplexedConnection {
+    let port = stack.current_master_port().await.expect("master port");
+    let client = redis::Client::open(
+        redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)
+            .into_connection_info()
+            .expect("info")
+            .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
+    )
+    .expect("client");
+    client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(5))),
+        )
+        .await
+        .expect("connect to master")
+}
+
+use redis::IntoConnectionInfo;
+
+/// Records every event on the event channel, in order.
+#[derive(Clone)]
+pub struct Tap {
+    events: Arc<Mutex<Vec<Event>>>,
+    raw: Arc<Mutex<Vec<String>>>,
+    notify: Arc<Notify>,
+    _task: Arc<auction::task::TaskGuard>,
+}
+
+impl Tap {
+    pub async fn start(stack: &DevStack) -> Tap {
+        let port = stack.current_master_port().await.expect("master port");
+        let client = redis::Client::open(
+            redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)
+                .into_connection_info()
+                .expect("info")
+                .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
+        )
+        .expect("client");
+        let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+        pubsub
+            .subscribe(auction::config::DEFAULT_EVENT_CHANNEL)
+            .await
+            .expect("subscribe");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(Notify::new());
+        let (e, r, n) = (events.clone(), raw.clone(), notify.clone());
+        let task = tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let payload = msg.get_payload_bytes();
+                r.lock()
+                    .expect("lock")
+                    .push(String::from_utf8_lossy(payload).into_owned());
+                match Event::from_json(payload) {
+                    Ok(ev) => e.lock().expect("lock").push(ev),
+                    Err(err) => eprintln!("tap: undecodable event: {err}"),
+                }
+                n.notify_waiters();
+            }
+        });
+        Tap {
+            events,
+            raw,
+            notify,
+            _task: Arc::new(auction::task::TaskGuard::new("tap", task)),
+        }
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("lock").clone()
+    }
+
+    /// Waits until `pred` holds over the events seen so far.
+    pub async fn wait_until<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut pred: impl FnMut(&[Event]) -> Option<T>,
+    ) -> T {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(v) = pred(&self.events.lock().expect("lock")) {
+                return v;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                let evs = self.events();
+                let tail: Vec<String> = evs.iter().rev().take(10).map(|e| e.to_json()).collect();
+                panic!(
+                    "timed out after {limit:?} waiting for {what}; {} events seen, last: {tail:#?}",
+                    evs.len()
+                );
+            }
+        }
+    }
+
+    /// Waits for the first `auction_opened` and returns its id.
+    pub async fn opened(&self, limit: Duration) -> String {
+        self.wait_until("auction_opened", limit, |evs| {
+            evs.iter().find_map(|e| match e {
+                Event::AuctionOpened { auction_id, .. } => Some(auction_id.clone()),
+                _ => None,
+            })
+        })
+        .await
+    }
+
+    /// Waits for the `auction_closed` of `id`.
+    pub async fn closed(&self, id: &str, limit: Duration) -> Event {
+        self.wait_until(&format!("auction_closed of {id}"), limit, |evs| {
+            evs.iter()
+                .find(|e| matches!(e, Event::AuctionClosed { auction_id, .. } if auction_id == id))
+                .cloned()
+        })
+        .await
+    }
+}
+
+/// Waits until `PUBSUB NUMSUB channel` reaches `n` (subscribers are ready).
+pub async fn wait_subscribers(stack: &DevStack, channel: &str, n: u64, limit: Duration) {
+    let mut conn = master_conn(stack).await;
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let (_, count): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async::<Vec<(String, u64)>>(&mut conn)
+            .await
+            .expect("PUBSUB NUMSUB")
+            .into_iter()
+            .next()
+            .expect("one channel");
+        if count >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {limit:?}: {count} of {n} subscribers on {channel}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Events of one auction in arrival order.
+pub fn of(events: &[Event], id: &str) -> Vec<Event> {
+    events
+        .iter()
+        .filter(|e| e.auction_id() == Some(id))
+        .cloned()
+        .collect()
+}
+
+/// Asserts that the seq values of an auction's events, deduplicated, run 1..=n without gaps.
+pub fn assert_gapless(events: &[Event], id: &str) -> u64 {
+    let mut seqs: Vec<u64> = of(events, id).iter().filter_map(Event::seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let n = seqs.len() as u64;
+    assert_eq!(
+        seqs,
+        (1..=n).collect::<Vec<_>>(),
+        "seq of {id} must be gapless from 1"
+    );
+    n
+}
+
+pub fn context<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        .context(what.to_owned())
+}
