@@ -2,12 +2,9 @@
 //! event tap on the real event channel, and bounded waits.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use auction::devstack::{DevStack, DevStackConfig};
 use auction::wire::Event;
 use futures_util::StreamExt;
@@ -20,97 +17,7 @@ pub async fn stack() -> DevStack {
         .expect("start the local Redis topology")
 }
 
-/// A running binary; killed on drop, its log printed if the test is failing.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Starts `bin` with `args` and `env`, logging to a file in `dir`.
-    pub fn spawn(
-        dir: &Path,
-        name: &str,
-        bin: &str,
-        args: &[String],
-        env: &[(&str, String)],
-    ) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("create log file");
-        let err = out.try_clone().expect("clone log file");
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .env("RUST_LOG", "info,auction=debug")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("REDIS_SENTINELS");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// True while the process runs.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits up to `limit` for the process to exit; returns its exit code.
-    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<i32> {
-        let until = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status.code().unwrap_or(-1));
-            }
-            if tokio::time::Instant::now() > until {
-                bail!("{} did not exit within {limit:?}", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status();
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(80)..];
-            eprintln!(
-                "----- {} (last {} lines) -----\n{}",
-                self.name,
-                tail.len(),
-                tail.join("\n")
-            );
-        }
-    }
-}
+pub use auction::devstack::Process as Proc;
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_auction-server");
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_auction-client");
@@ -304,7 +211,3 @@ pub fn assert_gapless(events: &[Event], id: &str) -> u64 {
     n
 }
 
-pub fn context<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> anyhow::Result<T> {
-    r.map_err(|e| anyhow::anyhow!("{what}: {e}"))
-        .context(what.to_owned())
-}

@@ -1,0 +1,177 @@
+//! A complete local auction on real processes: a Redis master, 2 replicas and 3 Sentinels,
+//! one `auction-server`, five `auction-client` bidders. Prints every event live and the
+//! winner, then stops everything. Run it with `bash scripts/demo.sh`.
+//!
+//! Environment: `DEMO_CLIENTS` (default 5), `AUCTION_DURATION` (default 30s),
+//! `BID_INTERVAL` (default 3s), `DEMO_KEEP_LOGS=1` to keep the logs directory.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use auction::devstack::{DevStack, DevStackConfig, Process};
+use auction::wire::Event;
+use futures_util::StreamExt;
+use redis::IntoConnectionInfo;
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    // Examples live in target/<profile>/examples; the binaries one level up.
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .context("cannot locate the target directory")?
+        .to_path_buf();
+    for bin in ["auction-server", "auction-client"] {
+        anyhow::ensure!(
+            dir.join(bin).exists(),
+            "{} not found: build the binaries first (`cargo build --release --bins`)",
+            dir.join(bin).display()
+        );
+    }
+    Ok(dir)
+}
+
+fn money(cents: u64) -> String {
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+fn describe(e: &Event) -> String {
+    match e {
+        Event::AuctionOpened { auction_id, item, starting_price, min_increment, deadline_ms, opened_at_ms, .. } => format!(
+            "OPENED   {auction_id} {item:?}: starting at {}, step {}, closes in {:.0}s",
+            money(*starting_price),
+            money(*min_increment),
+            (deadline_ms - opened_at_ms) as f64 / 1000.0
+        ),
+        Event::BidAccepted { bidder, amount, next_min, .. } => {
+            format!("ACCEPTED {bidder:<10} {:>9}   (next bid at least {})", money(*amount), money(*next_min))
+        }
+        Event::BidRejected { bidder, amount, reason, .. } => format!(
+            "rejected {:<10} {:>9}   ({})",
+            bidder.as_deref().unwrap_or("?"),
+            amount.map(money).unwrap_or_default(),
+            reason.as_str()
+        ),
+        Event::AuctionClosed { winner, amount, bid_count, .. } => match (winner, amount) {
+            (Some(w), Some(a)) => format!("CLOSED   winner {w} with {} after {bid_count} accepted bids", money(*a)),
+            _ => format!("CLOSED   no winner ({bid_count} accepted bids, reserve not met)"),
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let clients: usize = std::env::var("DEMO_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let duration = std::env::var("AUCTION_DURATION").unwrap_or_else(|_| "30s".into());
+    let interval = std::env::var("BID_INTERVAL").unwrap_or_else(|_| "3s".into());
+    let bins = bin_dir()?;
+    let started = Instant::now();
+    let stamp = move || format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
+
+    println!("{} starting Redis: 1 master, 2 replicas, 3 Sentinels (append-only, min-replicas-to-write 1)…", stamp());
+    let stack = DevStack::start(DevStackConfig::default()).await?;
+    println!(
+        "{} Redis up: master 127.0.0.1:{}, replicas {:?}, Sentinels {}",
+        stamp(),
+        stack.node_port(0),
+        &stack.redis_ports()[1..],
+        stack.sentinels_csv()
+    );
+
+    let master_port = stack.current_master_port().await?;
+    let client = redis::Client::open(
+        redis::ConnectionAddr::Tcp("127.0.0.1".into(), master_port)
+            .into_connection_info()?
+            .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
+    )?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(auction::config::DEFAULT_EVENT_CHANNEL).await?;
+    let mut events = pubsub.into_on_message();
+
+    let server_bin = bins.join("auction-server").display().to_string();
+    let client_bin = bins.join("auction-client").display().to_string();
+    let sentinels = stack.sentinels_csv();
+    let mut bidders: Vec<Process> = (1..=clients)
+        .map(|i| {
+            let name = format!("bidder-{i}");
+            Process::spawn(
+                stack.dir(),
+                &name,
+                &client_bin,
+                &[],
+                &[
+                    ("REDIS_SENTINELS", sentinels.clone()),
+                    ("BIDDER_NAME", name.clone()),
+                    ("BID_INTERVAL", interval.clone()),
+                    ("MAX_BID", format!("{}", 2000 + 300 * i)),
+                ],
+            )
+        })
+        .collect();
+    println!("{} started {clients} bidders (budgets 23.00 … {})", stamp(), money(2000 + 300 * clients as u64));
+    // Open the auction only once every bidder listens, so nobody misses the opening.
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let subs: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(auction::config::DEFAULT_EVENT_CHANNEL)
+            .query_async(&mut conn)
+            .await?;
+        if subs.first().map(|s| s.1).unwrap_or(0) > clients as u64 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < wait_until, "bidders did not subscribe within 30s; see logs in {}", stack.dir().display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut server = Process::spawn(
+        stack.dir(),
+        "auction-server",
+        &server_bin,
+        &[],
+        &[
+            ("REDIS_SENTINELS", sentinels.clone()),
+            ("OPEN_ON_START", "Vintage guitar".into()),
+            ("AUCTION_DURATION", duration.clone()),
+        ],
+    );
+    println!("{} started auction-server with --open-on-start \"Vintage guitar\"\n", stamp());
+
+    let deadline = Instant::now() + auction::config::parse_duration(&duration).map_err(anyhow::Error::msg)? + Duration::from_secs(60);
+    let mut winner = None;
+    while winner.is_none() {
+        let msg = tokio::time::timeout_at(deadline.into(), events.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("the auction did not close in time; logs in {}", stack.dir().display()))?
+            .context("event subscription ended")?;
+        let Ok(event) = Event::from_json(msg.get_payload_bytes()) else { continue };
+        println!("{} seq {:>3}  {}", stamp(), event.seq().map(|s| s.to_string()).unwrap_or("-".into()), describe(&event));
+        if let Event::AuctionClosed { winner: w, amount, .. } = &event {
+            winner = Some((w.clone(), *amount));
+        }
+    }
+    for b in bidders.iter_mut() {
+        let code = b.wait_exit(Duration::from_secs(15)).await?;
+        anyhow::ensure!(code == 0, "{} exited with {code}; its log:\n{}", b.name, b.log());
+    }
+    server.terminate();
+    server.wait_exit(Duration::from_secs(15)).await?;
+    println!();
+    match winner {
+        Some((Some(w), Some(a))) => println!("WINNER: {w} with {} — every bidder saw the close and exited cleanly.", money(a)),
+        _ => println!("No winner (no bid reached the reserve)."),
+    }
+    if std::env::var("DEMO_KEEP_LOGS").is_ok_and(|v| v == "1") {
+        let keep = std::env::temp_dir().join(format!("auction-demo-logs-{}", std::process::id()));
+        std::fs::create_dir_all(&keep)?;
+        for entry in std::fs::read_dir(stack.dir())?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                std::fs::copy(entry.path(), keep.join(entry.file_name()))?;
+            }
+        }
+        println!("logs kept in {}", keep.display());
+    }
+    println!("{} stopping Redis and cleaning up.", stamp());
+    Ok(())
+}

@@ -1,0 +1,20 @@
+# Sourced by the other scripts: makes sure Redis 7 (server + Sentinel) and cargo are present.
+# On Debian it installs Redis with apt-get (as root, or through sudo).
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-sentinel >/dev/null 2>&1; then
+  echo "Redis is not installed; installing redis-server and redis-sentinel with apt-get…" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: no apt-get here. Install Redis 7 (redis-server and redis-sentinel) and rerun." >&2
+    exit 1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-sentinel >/dev/null
+fi
+if ! redis-server --version | grep -Eq 'v=(7|8|9)\.'; then
+  echo "error: $(redis-server --version) is too old: Redis 7 or newer is needed (ACL selectors, Lua TIME with effect replication)." >&2
+  exit 1
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found. Install Rust 1.85 or newer (rustup: https://rustup.rs) and rerun." >&2
+  exit 1
+fi
