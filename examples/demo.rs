@@ -38,23 +38,53 @@ fn money(cents: u64) -> String {
 
 fn describe(e: &Event) -> String {
     match e {
-        Event::AuctionOpened { auction_id, item, starting_price, min_increment, deadline_ms, opened_at_ms, .. } => format!(
+        Event::AuctionOpened {
+            auction_id,
+            item,
+            starting_price,
+            min_increment,
+            deadline_ms,
+            opened_at_ms,
+            ..
+        } => format!(
             "OPENED   {auction_id} {item:?}: starting at {}, step {}, closes in {:.0}s",
             money(*starting_price),
             money(*min_increment),
             (deadline_ms - opened_at_ms) as f64 / 1000.0
         ),
-        Event::BidAccepted { bidder, amount, next_min, .. } => {
-            format!("ACCEPTED {bidder:<10} {:>9}   (next bid at least {})", money(*amount), money(*next_min))
+        Event::BidAccepted {
+            bidder,
+            amount,
+            next_min,
+            ..
+        } => {
+            format!(
+                "ACCEPTED {bidder:<10} {:>9}   (next bid at least {})",
+                money(*amount),
+                money(*next_min)
+            )
         }
-        Event::BidRejected { bidder, amount, reason, .. } => format!(
+        Event::BidRejected {
+            bidder,
+            amount,
+            reason,
+            ..
+        } => format!(
             "rejected {:<10} {:>9}   ({})",
             bidder.as_deref().unwrap_or("?"),
             amount.map(money).unwrap_or_default(),
             reason.as_str()
         ),
-        Event::AuctionClosed { winner, amount, bid_count, .. } => match (winner, amount) {
-            (Some(w), Some(a)) => format!("CLOSED   winner {w} with {} after {bid_count} accepted bids", money(*a)),
+        Event::AuctionClosed {
+            winner,
+            amount,
+            bid_count,
+            ..
+        } => match (winner, amount) {
+            (Some(w), Some(a)) => format!(
+                "CLOSED   winner {w} with {} after {bid_count} accepted bids",
+                money(*a)
+            ),
             _ => format!("CLOSED   no winner ({bid_count} accepted bids, reserve not met)"),
         },
     }
@@ -62,14 +92,20 @@ fn describe(e: &Event) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let clients: usize = std::env::var("DEMO_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let clients: usize = std::env::var("DEMO_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let duration = std::env::var("AUCTION_DURATION").unwrap_or_else(|_| "30s".into());
     let interval = std::env::var("BID_INTERVAL").unwrap_or_else(|_| "3s".into());
     let bins = bin_dir()?;
     let started = Instant::now();
     let stamp = move || format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
 
-    println!("{} starting Redis: 1 master, 2 replicas, 3 Sentinels (append-only, min-replicas-to-write 1)…", stamp());
+    println!(
+        "{} starting Redis: 1 master, 2 replicas, 3 Sentinels (append-only, min-replicas-to-write 1)…",
+        stamp()
+    );
     let stack = DevStack::start(DevStackConfig::default()).await?;
     println!(
         "{} Redis up: master 127.0.0.1:{}, replicas {:?}, Sentinels {}",
@@ -86,7 +122,9 @@ async fn main() -> anyhow::Result<()> {
             .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
     )?;
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(auction::config::DEFAULT_EVENT_CHANNEL).await?;
+    pubsub
+        .subscribe(auction::config::DEFAULT_EVENT_CHANNEL)
+        .await?;
     let mut events = pubsub.into_on_message();
 
     let server_bin = bins.join("auction-server").display().to_string();
@@ -109,7 +147,11 @@ async fn main() -> anyhow::Result<()> {
             )
         })
         .collect();
-    println!("{} started {clients} bidders (budgets 23.00 … {})", stamp(), money(2000 + 300 * clients as u64));
+    println!(
+        "{} started {clients} bidders (budgets 23.00 … {})",
+        stamp(),
+        money(2000 + 300 * clients as u64)
+    );
     // Open the auction only once every bidder listens, so nobody misses the opening.
     let mut conn = client.get_multiplexed_async_connection().await?;
     let wait_until = Instant::now() + Duration::from_secs(30);
@@ -122,7 +164,11 @@ async fn main() -> anyhow::Result<()> {
         if subs.first().map(|s| s.1).unwrap_or(0) > clients as u64 {
             break;
         }
-        anyhow::ensure!(Instant::now() < wait_until, "bidders did not subscribe within 30s; see logs in {}", stack.dir().display());
+        anyhow::ensure!(
+            Instant::now() < wait_until,
+            "bidders did not subscribe within 30s; see logs in {}",
+            stack.dir().display()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut server = Process::spawn(
@@ -136,30 +182,58 @@ async fn main() -> anyhow::Result<()> {
             ("AUCTION_DURATION", duration.clone()),
         ],
     );
-    println!("{} started auction-server with --open-on-start \"Vintage guitar\"\n", stamp());
+    println!(
+        "{} started auction-server with --open-on-start \"Vintage guitar\"\n",
+        stamp()
+    );
 
-    let deadline = Instant::now() + auction::config::parse_duration(&duration).map_err(anyhow::Error::msg)? + Duration::from_secs(60);
+    let deadline = Instant::now()
+        + auction::config::parse_duration(&duration).map_err(anyhow::Error::msg)?
+        + Duration::from_secs(60);
     let mut winner = None;
     while winner.is_none() {
         let msg = tokio::time::timeout_at(deadline.into(), events.next())
             .await
-            .map_err(|_| anyhow::anyhow!("the auction did not close in time; logs in {}", stack.dir().display()))?
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the auction did not close in time; logs in {}",
+                    stack.dir().display()
+                )
+            })?
             .context("event subscription ended")?;
-        let Ok(event) = Event::from_json(msg.get_payload_bytes()) else { continue };
-        println!("{} seq {:>3}  {}", stamp(), event.seq().map(|s| s.to_string()).unwrap_or("-".into()), describe(&event));
-        if let Event::AuctionClosed { winner: w, amount, .. } = &event {
+        let Ok(event) = Event::from_json(msg.get_payload_bytes()) else {
+            continue;
+        };
+        println!(
+            "{} seq {:>3}  {}",
+            stamp(),
+            event.seq().map(|s| s.to_string()).unwrap_or("-".into()),
+            describe(&event)
+        );
+        if let Event::AuctionClosed {
+            winner: w, amount, ..
+        } = &event
+        {
             winner = Some((w.clone(), *amount));
         }
     }
     for b in bidders.iter_mut() {
         let code = b.wait_exit(Duration::from_secs(15)).await?;
-        anyhow::ensure!(code == 0, "{} exited with {code}; its log:\n{}", b.name, b.log());
+        anyhow::ensure!(
+            code == 0,
+            "{} exited with {code}; its log:\n{}",
+            b.name,
+            b.log()
+        );
     }
     server.terminate();
     server.wait_exit(Duration::from_secs(15)).await?;
     println!();
     match winner {
-        Some((Some(w), Some(a))) => println!("WINNER: {w} with {} — every bidder saw the close and exited cleanly.", money(a)),
+        Some((Some(w), Some(a))) => println!(
+            "WINNER: {w} with {} — every bidder saw the close and exited cleanly.",
+            money(a)
+        ),
         _ => println!("No winner (no bid reached the reserve)."),
     }
     if std::env::var("DEMO_KEEP_LOGS").is_ok_and(|v| v == "1") {

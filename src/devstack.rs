@@ -483,7 +483,13 @@ pub struct Process {
 impl Process {
     /// Starts `bin` with `args` and extra `env`, logging to `dir/NAME.log`. The child does
     /// not inherit `REDIS_SENTINELS` or an OTLP endpoint from the caller's environment.
-    pub fn spawn(dir: &Path, name: &str, bin: &str, args: &[String], env: &[(&str, String)]) -> Process {
+    pub fn spawn(
+        dir: &Path,
+        name: &str,
+        bin: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Process {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create a log file in the stack's temp dir");
         let err = out.try_clone().expect("clone a log file handle");
@@ -501,7 +507,11 @@ impl Process {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e} (build it with `cargo build`)"));
-        Process { name: name.to_owned(), child, log }
+        Process {
+            name: name.to_owned(),
+            child,
+            log,
+        }
     }
 
     /// The child's pid.
@@ -552,11 +562,14 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("----- {} (last 80 lines) -----\n{}", self.name, tail(&self.log(), 80));
+            eprintln!(
+                "----- {} (last 80 lines) -----\n{}",
+                self.name,
+                tail(&self.log(), 80)
+            );
         }
     }
 }
-
 
 /// One `redis-server` process: its files, its port and, while running, its
 /// child handle. Dropping it kills and reaps the child, so a partially

@@ -47,8 +47,17 @@ fn bid(id: &AuctionId, bid_id: &str, bidder: &str, amount: u64) -> Bid {
     }
 }
 
-async fn take(conn: &mut MultiplexedConnection, id: &AuctionId, owner: &str, ttl: Duration, must_exist: bool) -> Lease {
-    match lock::acquire(conn, id, owner, ttl, must_exist).await.expect("acquire") {
+async fn take(
+    conn: &mut MultiplexedConnection,
+    id: &AuctionId,
+    owner: &str,
+    ttl: Duration,
+    must_exist: bool,
+) -> Lease {
+    match lock::acquire(conn, id, owner, ttl, must_exist)
+        .await
+        .expect("acquire")
+    {
         Acquire::Acquired(l) => l,
         other => panic!("{owner} expected to acquire, got {other:?}"),
     }
@@ -58,11 +67,18 @@ async fn take(conn: &mut MultiplexedConnection, id: &AuctionId, owner: &str, ttl
 async fn wait_expired(conn: &mut MultiplexedConnection, id: &AuctionId) {
     let until = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let pttl: i64 = redis::cmd("PTTL").arg(id.lock_key()).query_async(conn).await.expect("PTTL");
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(id.lock_key())
+            .query_async(conn)
+            .await
+            .expect("PTTL");
         if pttl == -2 {
             return;
         }
-        assert!(tokio::time::Instant::now() < until, "lease never expired (pttl {pttl})");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "lease never expired (pttl {pttl})"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -73,7 +89,10 @@ async fn contenders_never_both_hold_the_lease_and_tokens_only_grow() {
     let mut conn = master_conn(&stack).await;
     let id = AuctionId::parse("contended").expect("id");
     let a = take(&mut conn, &id, "a", Duration::from_secs(10), false).await;
-    match lock::acquire(&mut conn, &id, "b", Duration::from_secs(10), false).await.expect("acquire") {
+    match lock::acquire(&mut conn, &id, "b", Duration::from_secs(10), false)
+        .await
+        .expect("acquire")
+    {
         Acquire::Held(ttl) => assert!(ttl > Duration::from_secs(5)),
         other => panic!("b must not acquire while a holds it: {other:?}"),
     }
@@ -93,8 +112,15 @@ async fn contenders_never_both_hold_the_lease_and_tokens_only_grow() {
         tasks.push(tokio::spawn(async move {
             let mut last_token = 0;
             for _ in 0..60 {
-                if let Acquire::Acquired(lease) =
-                    lock::acquire(&mut conn, &id, &format!("t{t}"), Duration::from_secs(5), false).await.expect("acquire")
+                if let Acquire::Acquired(lease) = lock::acquire(
+                    &mut conn,
+                    &id,
+                    &format!("t{t}"),
+                    Duration::from_secs(5),
+                    false,
+                )
+                .await
+                .expect("acquire")
                 {
                     assert!(lease.token() > last_token);
                     last_token = lease.token();
@@ -112,8 +138,15 @@ async fn contenders_never_both_hold_the_lease_and_tokens_only_grow() {
     for t in tasks {
         t.await.expect("task");
     }
-    assert_eq!(max_seen.load(Ordering::SeqCst), 1, "two contenders held the lease at once");
-    assert!(acquired.load(Ordering::SeqCst) > 8, "the lease changed hands many times");
+    assert_eq!(
+        max_seen.load(Ordering::SeqCst),
+        1,
+        "two contenders held the lease at once"
+    );
+    assert!(
+        acquired.load(Ordering::SeqCst) > 8,
+        "the lease changed hands many times"
+    );
 }
 
 #[tokio::test]
@@ -122,35 +155,83 @@ async fn a_holder_whose_lease_expired_cannot_write_and_cannot_release_the_new_le
     let mut conn = master_conn(&stack).await;
     let id = AuctionId::parse("expiring").expect("id");
     let old = take(&mut conn, &id, "old", Duration::from_secs(10), false).await;
-    ledger::open(&mut conn, &old, &spec()).await.expect("open").expect("opened");
+    ledger::open(&mut conn, &old, &spec())
+        .await
+        .expect("open")
+        .expect("opened");
     // Simulate a pause past the lease: expire it now rather than sleeping for it.
-    let _: () = redis::cmd("PEXPIRE").arg(id.lock_key()).arg(1).query_async(&mut conn).await.expect("PEXPIRE");
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(id.lock_key())
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("PEXPIRE");
     wait_expired(&mut conn, &id).await;
 
     // Nobody holds it: the old holder's write is still refused inside Redis.
     let r = ledger::place_bids(&mut conn, &old, &[bid(&id, "x1", "old", 500)]).await;
-    assert!(matches!(r, Err(LedgerError::Fenced)), "expired holder wrote: {r:?}");
+    assert!(
+        matches!(r, Err(LedgerError::Fenced)),
+        "expired holder wrote: {r:?}"
+    );
 
     let new = take(&mut conn, &id, "new", Duration::from_secs(10), true).await;
     assert!(new.token() > old.token());
     for attempt in [
-        ledger::place_bids(&mut conn, &old, &[bid(&id, "x2", "old", 600)]).await.map(|_| ()),
-        ledger::close(&mut conn, &old, CloseMode::Now).await.map(|_| ()),
+        ledger::place_bids(&mut conn, &old, &[bid(&id, "x2", "old", 600)])
+            .await
+            .map(|_| ()),
+        ledger::close(&mut conn, &old, CloseMode::Now)
+            .await
+            .map(|_| ()),
     ] {
-        assert!(matches!(attempt, Err(LedgerError::Fenced)), "stale holder wrote: {attempt:?}");
+        assert!(
+            matches!(attempt, Err(LedgerError::Fenced)),
+            "stale holder wrote: {attempt:?}"
+        );
     }
-    assert!(!lock::release(&mut conn, &old).await.expect("release"), "non-owner release reports false");
-    let value: Option<String> = redis::cmd("GET").arg(id.lock_key()).query_async(&mut conn).await.expect("GET");
-    assert_eq!(value.as_deref(), Some(new.value()), "non-owner release changed nothing");
+    assert!(
+        !lock::release(&mut conn, &old).await.expect("release"),
+        "non-owner release reports false"
+    );
+    let value: Option<String> = redis::cmd("GET")
+        .arg(id.lock_key())
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(
+        value.as_deref(),
+        Some(new.value()),
+        "non-owner release changed nothing"
+    );
     let mut stale = old.clone();
-    assert!(!lock::renew(&mut conn, &mut stale).await.expect("renew"), "non-owner renew fails");
+    assert!(
+        !lock::renew(&mut conn, &mut stale).await.expect("renew"),
+        "non-owner renew fails"
+    );
 
-    let rec = ledger::get(&mut conn, &id).await.expect("get").expect("exists");
+    let rec = ledger::get(&mut conn, &id)
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(rec.bid_count, 0, "no stale write landed");
-    assert_eq!(rec.fence, old.token(), "only the opener's token wrote so far");
-    let judged = ledger::place_bids(&mut conn, &new, &[bid(&id, "n1", "new", 500)]).await.expect("new holder writes");
+    assert_eq!(
+        rec.fence,
+        old.token(),
+        "only the opener's token wrote so far"
+    );
+    let judged = ledger::place_bids(&mut conn, &new, &[bid(&id, "n1", "new", 500)])
+        .await
+        .expect("new holder writes");
     assert!(matches!(judged[0].event, Event::BidAccepted { .. }));
-    assert_eq!(ledger::get(&mut conn, &id).await.expect("get").expect("exists").fence, new.token());
+    assert_eq!(
+        ledger::get(&mut conn, &id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .fence,
+        new.token()
+    );
 }
 
 #[tokio::test]
@@ -159,9 +240,18 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
     let mut conn = master_conn(&stack).await;
     let id = AuctionId::parse("judged").expect("id");
     let lease = take(&mut conn, &id, "s", Duration::from_secs(30), false).await;
-    let opened = ledger::open(&mut conn, &lease, &spec()).await.expect("open").expect("new");
+    let opened = ledger::open(&mut conn, &lease, &spec())
+        .await
+        .expect("open")
+        .expect("new");
     assert!(matches!(opened, Event::AuctionOpened { seq: 1, .. }));
-    assert!(ledger::open(&mut conn, &lease, &spec()).await.expect("open again").is_none(), "open is once");
+    assert!(
+        ledger::open(&mut conn, &lease, &spec())
+            .await
+            .expect("open again")
+            .is_none(),
+        "open is once"
+    );
 
     let bids = [
         bid(&id, "b1", "ann", 99),  // below starting price
@@ -172,45 +262,116 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
         bid(&id, "b6", "bob", 110), // accepted
         bid(&id, "b2", "ann", 999), // duplicate of b2 (different amount): first outcome, no change
     ];
-    let judged = ledger::place_bids(&mut conn, &lease, &bids).await.expect("judge");
+    let judged = ledger::place_bids(&mut conn, &lease, &bids)
+        .await
+        .expect("judge");
     let reason = |e: &Event| match e {
         Event::BidRejected { reason, .. } => Some(*reason),
         _ => None,
     };
     assert_eq!(reason(&judged[0].event), Some(RejectReason::TooLow));
-    assert!(matches!(judged[1].event, Event::BidAccepted { amount: 100, seq: 3, next_min: 110, .. }));
+    assert!(matches!(
+        judged[1].event,
+        Event::BidAccepted {
+            amount: 100,
+            seq: 3,
+            next_min: 110,
+            ..
+        }
+    ));
     assert_eq!(reason(&judged[2].event), Some(RejectReason::EqualToHigh));
-    assert_eq!(reason(&judged[3].event), Some(RejectReason::BelowMinIncrement));
+    assert_eq!(
+        reason(&judged[3].event),
+        Some(RejectReason::BelowMinIncrement)
+    );
     assert_eq!(reason(&judged[4].event), Some(RejectReason::TooLow));
-    assert!(matches!(judged[5].event, Event::BidAccepted { amount: 110, seq: 7, .. }));
-    assert_eq!(judged[6].event, judged[1].event, "a duplicate returns its first outcome");
+    assert!(matches!(
+        judged[5].event,
+        Event::BidAccepted {
+            amount: 110,
+            seq: 7,
+            ..
+        }
+    ));
+    assert_eq!(
+        judged[6].event, judged[1].event,
+        "a duplicate returns its first outcome"
+    );
     assert!(!judged[6].fresh && judged[1].fresh);
     let seqs: Vec<u64> = judged[..6].iter().filter_map(|j| j.event.seq()).collect();
-    assert_eq!(seqs, vec![2, 3, 4, 5, 6, 7], "every judged bid takes the next seq");
+    assert_eq!(
+        seqs,
+        vec![2, 3, 4, 5, 6, 7],
+        "every judged bid takes the next seq"
+    );
 
-    let rec = ledger::get(&mut conn, &id).await.expect("get").expect("exists");
+    let rec = ledger::get(&mut conn, &id)
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(rec.high, Some((110, "bob".into(), "b6".into())));
     assert_eq!((rec.bid_count, rec.seq), (2, 7));
-    let history = ledger::history(&mut conn, &id, "-", 100).await.expect("history");
-    assert_eq!(history.iter().map(|(_, h)| h.bid_id.as_str()).collect::<Vec<_>>(), vec!["b2", "b6"]);
+    let history = ledger::history(&mut conn, &id, "-", 100)
+        .await
+        .expect("history");
+    assert_eq!(
+        history
+            .iter()
+            .map(|(_, h)| h.bid_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["b2", "b6"]
+    );
 
     // Not due yet: the deadline is judged by Redis TIME, 60 s away.
-    assert!(matches!(ledger::close(&mut conn, &lease, CloseMode::Due).await.expect("close"), Closed::NotDue(_)));
-    let Closed::Now(closed) = ledger::close(&mut conn, &lease, CloseMode::Now).await.expect("close") else {
+    assert!(matches!(
+        ledger::close(&mut conn, &lease, CloseMode::Due)
+            .await
+            .expect("close"),
+        Closed::NotDue(_)
+    ));
+    let Closed::Now(closed) = ledger::close(&mut conn, &lease, CloseMode::Now)
+        .await
+        .expect("close")
+    else {
         panic!("first close closes");
     };
-    assert!(matches!(&closed, Event::AuctionClosed { winner: Some(w), amount: Some(110), seq: 8, bid_count: 2, .. } if w == "bob"));
-    let Closed::Already(again) = ledger::close(&mut conn, &lease, CloseMode::Now).await.expect("close") else {
+    assert!(
+        matches!(&closed, Event::AuctionClosed { winner: Some(w), amount: Some(110), seq: 8, bid_count: 2, .. } if w == "bob")
+    );
+    let Closed::Already(again) = ledger::close(&mut conn, &lease, CloseMode::Now)
+        .await
+        .expect("close")
+    else {
         panic!("second close reports the first");
     };
-    assert_eq!(again, closed, "exactly once: a second close repeats the first");
-    let late = ledger::place_bids(&mut conn, &lease, &[bid(&id, "late", "cy", 5000), bid(&id, "b6", "bob", 110)])
-        .await
-        .expect("judge");
+    assert_eq!(
+        again, closed,
+        "exactly once: a second close repeats the first"
+    );
+    let late = ledger::place_bids(
+        &mut conn,
+        &lease,
+        &[bid(&id, "late", "cy", 5000), bid(&id, "b6", "bob", 110)],
+    )
+    .await
+    .expect("judge");
     assert_eq!(reason(&late[0].event), Some(RejectReason::AuctionClosed));
-    assert_eq!(late[0].event.seq(), None, "refusals after close are not part of history");
-    assert!(matches!(late[1].event, Event::BidAccepted { seq: 7, .. }), "a retry after close still gets its first outcome");
-    let open: Vec<String> = redis::cmd("ZRANGE").arg("auctions:open").arg(0).arg(-1).query_async(&mut conn).await.expect("ZRANGE");
+    assert_eq!(
+        late[0].event.seq(),
+        None,
+        "refusals after close are not part of history"
+    );
+    assert!(
+        matches!(late[1].event, Event::BidAccepted { seq: 7, .. }),
+        "a retry after close still gets its first outcome"
+    );
+    let open: Vec<String> = redis::cmd("ZRANGE")
+        .arg("auctions:open")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("ZRANGE");
     assert!(open.is_empty(), "closed auctions leave the closer's list");
 }
 
@@ -220,29 +381,65 @@ async fn the_deadline_is_judged_by_redis_time_and_the_reserve_decides_the_winner
     let mut conn = master_conn(&stack).await;
     let id = AuctionId::parse("reserve").expect("id");
     let lease = take(&mut conn, &id, "s", Duration::from_secs(30), false).await;
-    let spec = AuctionSpec { duration: Duration::from_secs(1), reserve_price: 1000, ..spec() };
-    let Event::AuctionOpened { deadline_ms, .. } = ledger::open(&mut conn, &lease, &spec).await.expect("open").expect("new")
+    let spec = AuctionSpec {
+        duration: Duration::from_secs(1),
+        reserve_price: 1000,
+        ..spec()
+    };
+    let Event::AuctionOpened { deadline_ms, .. } = ledger::open(&mut conn, &lease, &spec)
+        .await
+        .expect("open")
+        .expect("new")
     else {
         panic!("opened")
     };
-    ledger::place_bids(&mut conn, &lease, &[bid(&id, "r1", "ann", 500)]).await.expect("bid");
+    ledger::place_bids(&mut conn, &lease, &[bid(&id, "r1", "ann", 500)])
+        .await
+        .expect("bid");
     // Wait until Redis's own clock passes the deadline (the only clock that counts).
     let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while auction::closer::redis_now_ms(&mut conn).await.expect("TIME") < deadline_ms {
-        assert!(tokio::time::Instant::now() < until, "Redis time never reached the deadline");
+    while auction::closer::redis_now_ms(&mut conn)
+        .await
+        .expect("TIME")
+        < deadline_ms
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "Redis time never reached the deadline"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let late = ledger::place_bids(&mut conn, &lease, &[bid(&id, "r2", "bob", 5000)]).await.expect("bid");
+    let late = ledger::place_bids(&mut conn, &lease, &[bid(&id, "r2", "bob", 5000)])
+        .await
+        .expect("bid");
     assert!(
-        matches!(late[0].event, Event::BidRejected { reason: RejectReason::DeadlinePassed, seq: None, .. }),
+        matches!(
+            late[0].event,
+            Event::BidRejected {
+                reason: RejectReason::DeadlinePassed,
+                seq: None,
+                ..
+            }
+        ),
         "a bid after the deadline is rejected even before the close runs: {:?}",
         late[0].event
     );
-    let Closed::Now(closed) = ledger::close(&mut conn, &lease, CloseMode::Due).await.expect("close") else {
+    let Closed::Now(closed) = ledger::close(&mut conn, &lease, CloseMode::Due)
+        .await
+        .expect("close")
+    else {
         panic!("due now");
     };
     assert!(
-        matches!(closed, Event::AuctionClosed { winner: None, amount: None, bid_count: 1, .. }),
+        matches!(
+            closed,
+            Event::AuctionClosed {
+                winner: None,
+                amount: None,
+                bid_count: 1,
+                ..
+            }
+        ),
         "the high bid is under the reserve: no winner ({closed:?})"
     );
 }
@@ -252,8 +449,14 @@ async fn bids_for_unknown_auctions_create_no_keys() {
     let stack = single().await;
     let mut conn = master_conn(&stack).await;
     let id = AuctionId::parse("ghost").expect("id");
-    let r = lock::acquire(&mut conn, &id, "s", Duration::from_secs(5), true).await.expect("acquire");
+    let r = lock::acquire(&mut conn, &id, "s", Duration::from_secs(5), true)
+        .await
+        .expect("acquire");
     assert!(matches!(r, Acquire::UnknownAuction));
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.expect("KEYS");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
     assert!(keys.is_empty(), "{keys:?}");
 }

@@ -19,27 +19,48 @@ fn settings(sentinels: &[String], name: &str) -> Settings {
 #[tokio::test]
 async fn no_sentinel_reachable_and_unknown_master_name_are_distinct_errors() {
     // A port nothing listens on: bind, learn the port, close.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let err = sentinel::resolve(&settings(&[format!("127.0.0.1:{dead}")], "mymaster"), 1)
         .await
         .err()
         .expect("nothing to resolve");
     assert!(matches!(err, ResolveError::NoSentinelReachable(_)), "{err}");
-    assert!(err.to_string().contains("REDIS_SENTINELS"), "says what to check: {err}");
+    assert!(
+        err.to_string().contains("REDIS_SENTINELS"),
+        "says what to check: {err}"
+    );
 
     let stack = stack().await;
     let err = sentinel::resolve(&settings(&stack.sentinel_addrs(), "othermaster"), 1)
         .await
         .err()
         .expect("unknown name");
-    assert!(matches!(err, ResolveError::MasterUnknown { asked: 3, .. }), "{err}");
-    assert!(err.to_string().contains("REDIS_MASTER_NAME"), "says what to check: {err}");
+    assert!(
+        matches!(err, ResolveError::MasterUnknown { asked: 3, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("REDIS_MASTER_NAME"),
+        "says what to check: {err}"
+    );
 
     // A dead Sentinel first in the list is skipped.
     let mut addrs = vec![format!("127.0.0.1:{dead}")];
     addrs.extend(stack.sentinel_addrs());
-    let link = sentinel::resolve(&settings(&addrs, "mymaster"), 7).await.expect("resolves");
-    assert_eq!(link.addr, HostPort { host: "127.0.0.1".into(), port: stack.node_port(0) });
+    let link = sentinel::resolve(&settings(&addrs, "mymaster"), 7)
+        .await
+        .expect("resolves");
+    assert_eq!(
+        link.addr,
+        HostPort {
+            host: "127.0.0.1".into(),
+            port: stack.node_port(0)
+        }
+    );
     assert_eq!(link.generation, 7);
 }
 
@@ -48,15 +69,24 @@ async fn the_master_handle_and_subscriptions_follow_a_failover() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let mut stack = stack().await;
         let master = Master::start(settings(&stack.sentinel_addrs(), "mymaster"));
-        let first = master.link(Duration::from_secs(10)).await.expect("first link");
+        let first = master
+            .link(Duration::from_secs(10))
+            .await
+            .expect("first link");
         assert_eq!(first.addr.port, stack.node_port(0));
         let (tx, mut rx) = mpsc::channel(16);
         let sub = Subscription::start(master.clone(), vec!["probe".into()], tx);
         let mut live = sub.watch_live();
-        tokio::time::timeout(Duration::from_secs(10), live.wait_for(|l| *l)).await.expect("subscribed").expect("live");
+        tokio::time::timeout(Duration::from_secs(10), live.wait_for(|l| *l))
+            .await
+            .expect("subscribed")
+            .expect("live");
 
         stack.kill_node(0).expect("kill master");
-        let new_port = stack.wait_for_master_change(first.addr.port, Duration::from_secs(30)).await.expect("failover");
+        let new_port = stack
+            .wait_for_master_change(first.addr.port, Duration::from_secs(30))
+            .await
+            .expect("failover");
         // The handle re-resolves by itself (probe failure, +switch-master, or both).
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
         let second = loop {
@@ -65,23 +95,40 @@ async fn the_master_handle_and_subscriptions_follow_a_failover() {
             {
                 break l;
             }
-            assert!(tokio::time::Instant::now() < until, "handle never moved to the new master");
+            assert!(
+                tokio::time::Instant::now() < until,
+                "handle never moved to the new master"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert!(second.generation > first.generation);
         let mut conn = second.conn.clone();
-        let _: () = redis::cmd("SET").arg("after-failover").arg("1").query_async(&mut conn).await.expect("write to new master");
+        let _: () = redis::cmd("SET")
+            .arg("after-failover")
+            .arg("1")
+            .query_async(&mut conn)
+            .await
+            .expect("write to new master");
 
         // The subscription is re-established on the new master: publish until it arrives
         // (Pub/Sub is at-most-once, so a message sent before resubscription is lost).
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let _: u64 = redis::cmd("PUBLISH").arg("probe").arg("hello").query_async(&mut conn).await.expect("publish");
-            if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            let _: u64 = redis::cmd("PUBLISH")
+                .arg("probe")
+                .arg("hello")
+                .query_async(&mut conn)
+                .await
+                .expect("publish");
+            if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+            {
                 assert_eq!(msg.payload, b"hello");
                 break;
             }
-            assert!(tokio::time::Instant::now() < until, "subscription never came back after failover");
+            assert!(
+                tokio::time::Instant::now() < until,
+                "subscription never came back after failover"
+            );
         }
         assert!(sub.is_live());
     })

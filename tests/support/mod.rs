@@ -210,4 +210,3 @@ pub fn assert_gapless(events: &[Event], id: &str) -> u64 {
     );
     n
 }
-
