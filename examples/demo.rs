@@ -1,6 +1,6 @@
 //! A complete local auction on real processes: a Redis master, 2 replicas and 3 Sentinels,
-//! one `auction-server`, five `auction-client` bidders. Prints every event live and the
-//! winner, then stops everything. Run it with `bash scripts/demo.sh`.
+//! one `auction-server`, five `auction-client` bidders. Opens the auction through the gRPC
+//! admin API, prints every event live and the winner, then stops everything. Run it with `bash scripts/demo.sh`.
 //!
 //! Environment: `DEMO_CLIENTS` (default 5), `AUCTION_DURATION` (default 30s),
 //! `BID_INTERVAL` (default 3s), `DEMO_KEEP_LOGS=1` to keep the logs directory.
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use auction::devstack::{DevStack, DevStackConfig, Process};
+use auction::proto::v1 as pb;
+use auction::proto::v1::auction_admin_client::AuctionAdminClient;
 use auction::wire::Event;
 use futures_util::StreamExt;
 use redis::IntoConnectionInfo;
@@ -130,6 +132,24 @@ async fn main() -> anyhow::Result<()> {
     let server_bin = bins.join("auction-server").display().to_string();
     let client_bin = bins.join("auction-client").display().to_string();
     let sentinels = stack.sentinels_csv();
+    let grpc_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = Process::spawn(
+        stack.dir(),
+        "auction-server",
+        &server_bin,
+        &[],
+        &[
+            ("REDIS_SENTINELS", sentinels.clone()),
+            ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+            ("AUCTION_DURATION", duration.clone()),
+        ],
+    );
+    println!(
+        "{} started auction-server, gRPC on 127.0.0.1:{grpc_port}",
+        stamp()
+    );
     let mut bidders: Vec<Process> = (1..=clients)
         .map(|i| {
             let name = format!("bidder-{i}");
@@ -143,6 +163,8 @@ async fn main() -> anyhow::Result<()> {
                     ("BIDDER_NAME", name.clone()),
                     ("BID_INTERVAL", interval.clone()),
                     ("MAX_BID", format!("{}", 2000 + 300 * i)),
+                    ("SERVER_ADDR", format!("127.0.0.1:{grpc_port}")),
+                    ("HEALTH_ADDR", "127.0.0.1:0".into()),
                 ],
             )
         })
@@ -161,7 +183,8 @@ async fn main() -> anyhow::Result<()> {
             .arg(auction::config::DEFAULT_EVENT_CHANNEL)
             .query_async(&mut conn)
             .await?;
-        if subs.first().map(|s| s.1).unwrap_or(0) > clients as u64 {
+        // The bidders, this demo's own tap, and the server's event subscription.
+        if subs.first().map(|s| s.1).unwrap_or(0) > clients as u64 + 1 {
             break;
         }
         anyhow::ensure!(
@@ -171,20 +194,22 @@ async fn main() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut server = Process::spawn(
-        stack.dir(),
-        "auction-server",
-        &server_bin,
-        &[],
-        &[
-            ("REDIS_SENTINELS", sentinels.clone()),
-            ("OPEN_ON_START", "Vintage guitar".into()),
-            ("AUCTION_DURATION", duration.clone()),
-        ],
-    );
+    let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
+    let opened = admin
+        .open_auction(pb::OpenAuctionRequest {
+            item: "Vintage guitar".into(),
+            starting_price: 100,
+            min_increment: 10,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .auction
+        .context("OpenAuction returned no auction")?;
     println!(
-        "{} started auction-server with --open-on-start \"Vintage guitar\"\n",
-        stamp()
+        "{} opened auction {} through gRPC AuctionAdmin/OpenAuction\n",
+        stamp(),
+        opened.auction_id
     );
 
     let deadline = Instant::now()
@@ -226,6 +251,33 @@ async fn main() -> anyhow::Result<()> {
             b.log()
         );
     }
+    let fin = admin
+        .get_auction(pb::GetAuctionRequest {
+            auction_id: opened.auction_id.clone(),
+        })
+        .await?
+        .into_inner()
+        .auction
+        .context("GetAuction returned no auction")?;
+    let bids = admin
+        .list_bids(pb::ListBidsRequest {
+            auction_id: opened.auction_id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .bids;
+    println!(
+        "\n{} GetAuction: state {:?}, {} accepted bids (ListBids returned {}), winner {:?}",
+        stamp(),
+        pb::AuctionState::try_from(fin.state).unwrap_or(pb::AuctionState::Unspecified),
+        fin.bid_count,
+        bids.len(),
+        fin.winner
+            .as_ref()
+            .map(|w| (&w.bidder, money(w.amount as u64)))
+    );
     server.terminate();
     server.wait_exit(Duration::from_secs(15)).await?;
     println!();

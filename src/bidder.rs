@@ -8,9 +8,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -19,6 +21,7 @@ use crate::config::{RedisArgs, parse_duration};
 use crate::keyspace::AuctionId;
 use crate::sentinel::{Master, Settings};
 use crate::subscription::Subscription;
+use crate::task::TaskGuard;
 use crate::wire::{self, Bid, Event};
 
 /// Bidder configuration (flags with environment fallbacks).
@@ -48,6 +51,12 @@ pub struct BidderArgs {
     /// Give up if a tracked auction's close is not seen this long after its deadline.
     #[arg(long, env = "CLOSE_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub close_grace: Duration,
+    /// The auction server's gRPC address; no bids are sent while its health is not SERVING.
+    #[arg(long, env = "SERVER_ADDR", default_value = "127.0.0.1:50051")]
+    pub server_addr: String,
+    /// Where this bidder serves its own grpc.health.v1 (for readiness probes).
+    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:50052")]
+    pub health_addr: SocketAddr,
 }
 
 impl BidderArgs {
@@ -62,6 +71,8 @@ impl BidderArgs {
             auction_id: None,
             keep_going: false,
             close_grace: Duration::from_secs(30),
+            server_addr: "127.0.0.1:50051".into(),
+            health_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 
@@ -83,7 +94,23 @@ impl BidderArgs {
         if let Some(id) = &self.auction_id {
             AuctionId::parse(id)?;
         }
+        self.server_endpoint()?;
         Ok(())
+    }
+
+    /// `SERVER_ADDR` as a gRPC endpoint (`host:port` or `http://host:port`).
+    pub fn server_endpoint(&self) -> anyhow::Result<tonic::transport::Endpoint> {
+        let raw = self.server_addr.trim();
+        let uri = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            format!("http://{raw}")
+        };
+        tonic::transport::Endpoint::from_shared(uri)
+            .map(|e| e.connect_timeout(Duration::from_secs(2)))
+            .map_err(|e| {
+                anyhow::anyhow!("SERVER_ADDR {raw:?} is not a valid address (host:port): {e}")
+            })
     }
 }
 
@@ -133,10 +160,43 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         .as_deref()
         .map(AuctionId::parse)
         .transpose()?;
+    let health_listener = tokio::net::TcpListener::bind(args.health_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on HEALTH_ADDR {}: is another process using it?",
+                args.health_addr
+            )
+        })?;
+    let health_addr = health_listener.local_addr()?;
     let master = Master::start(Settings::from_args(&args.redis));
     let (tx, mut rx) = mpsc::channel(4096);
-    let _sub = Subscription::start(master.clone(), vec![args.redis.event_channel.clone()], tx);
-    info!(bidder = %me, "bidder started; waiting for an open auction");
+    let sub = Subscription::start(master.clone(), vec![args.redis.event_channel.clone()], tx);
+    let (server_up_tx, server_up) = watch::channel(false);
+    let _server_watch = TaskGuard::new(
+        "server health watch",
+        tokio::spawn(watch_server_health(args.server_endpoint()?, server_up_tx)),
+    );
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    crate::health::not_serving(&reporter, &[]).await;
+    let (ready, _ready_task) = crate::health::all_of(vec![sub.watch_live(), server_up.clone()]);
+    let _health_task = crate::health::report(reporter.clone(), &[], ready);
+    let _health_server = TaskGuard::new(
+        "bidder health server",
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                    health_listener,
+                ))
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "health server failed");
+            }
+        }),
+    );
+    info!(bidder = %me, %health_addr, server = %args.server_addr, "bidder started; health listening; waiting for the server to be SERVING and for an open auction");
+    let mut server_was_up = false;
 
     let mut summary = Summary::default();
     let mut tracked: Option<Tracked> = None;
@@ -206,6 +266,18 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
                 observe(t, &event, &me, &mut summary);
             }
             _ = tick.tick() => {
+                let server_is_up = *server_up.borrow();
+                if server_is_up != server_was_up {
+                    server_was_up = server_is_up;
+                    if server_is_up {
+                        info!(server = %args.server_addr, "server is SERVING; bidding enabled");
+                    } else {
+                        warn!(server = %args.server_addr, "server is not SERVING; bidding paused");
+                    }
+                }
+                if !server_is_up {
+                    continue;
+                }
                 let Some(t) = tracked.as_mut() else { continue };
                 let now = Instant::now();
                 if let Some(deadline) = t.deadline_ms
@@ -338,6 +410,38 @@ fn observe(t: &mut Tracked, event: &Event, me: &str, summary: &mut Summary) {
         _ => {}
     }
     let _ = me;
+}
+
+/// Follows the server's `grpc.health.v1` status (service `""`) with `Watch`, reconnecting
+/// with capped backoff; publishes true exactly while it is SERVING.
+async fn watch_server_health(endpoint: tonic::transport::Endpoint, up: watch::Sender<bool>) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let watched = async {
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let mut client = HealthClient::new(channel);
+            let mut stream = client
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            while let Some(msg) = stream.message().await.map_err(|e| e.to_string())? {
+                backoff.reset();
+                up.send_replace(msg.status == ServingStatus::Serving as i32);
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        up.send_replace(false);
+        if let Err(e) = watched {
+            debug!(error = %e, "server health watch failed; retrying");
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }
 
 async fn publish(master: &Master, channel: &str, bid: &Bid) {

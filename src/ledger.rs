@@ -355,8 +355,12 @@ pub async fn get<C: ConnectionLike + Send>(
         .arg(id.state_key())
         .query_async(conn)
         .await?;
+    Ok(record(id.clone(), &h))
+}
+
+fn record(id: AuctionId, h: &HashMap<String, String>) -> Option<AuctionRecord> {
     if h.is_empty() {
-        return Ok(None);
+        return None;
     }
     let s = |k: &str| h.get(k).cloned().unwrap_or_default();
     let n = |k: &str| h.get(k).and_then(|v| v.parse::<u64>().ok());
@@ -364,8 +368,8 @@ pub async fn get<C: ConnectionLike + Send>(
         n(a).filter(|_| !s(b).is_empty())
             .map(|amount| (amount, s(b), s(c)))
     };
-    Ok(Some(AuctionRecord {
-        auction_id: id.clone(),
+    Some(AuctionRecord {
+        auction_id: id,
         item: s("item"),
         open: s("state") == "open",
         starting_price: n("starting_price").unwrap_or(0),
@@ -379,7 +383,42 @@ pub async fn get<C: ConnectionLike + Send>(
         fence: n("fence").unwrap_or(0),
         closed_ms: n("closed_ms"),
         winner: triple("winning_amount", "winner", "winning_bid_id"),
-    }))
+    })
+}
+
+/// Auction ids in opening order, `count` of them from position `offset`.
+pub async fn list_ids<C: ConnectionLike + Send>(
+    conn: &mut C,
+    offset: usize,
+    count: usize,
+) -> Result<Vec<String>, RedisError> {
+    redis::cmd("ZRANGE")
+        .arg(keyspace::ALL_AUCTIONS)
+        .arg(offset)
+        .arg(offset + count.max(1) - 1)
+        .query_async(conn)
+        .await
+}
+
+/// Reads several auctions in one round trip; ids that are invalid or gone are skipped.
+pub async fn get_many<C: ConnectionLike + Send>(
+    conn: &mut C,
+    ids: &[String],
+) -> Result<Vec<AuctionRecord>, RedisError> {
+    let ids: Vec<AuctionId> = ids
+        .iter()
+        .filter_map(|i| AuctionId::parse(i).ok())
+        .collect();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("HGETALL").arg(id.state_key());
+    }
+    let hashes: Vec<HashMap<String, String>> = pipe.query_async(conn).await?;
+    Ok(ids
+        .into_iter()
+        .zip(hashes)
+        .filter_map(|(id, h)| record(id, &h))
+        .collect())
 }
 
 /// One accepted bid from the history stream.

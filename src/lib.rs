@@ -16,15 +16,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod backoff;
 pub mod bidder;
 pub mod closer;
 pub mod config;
 pub mod devstack;
+pub mod health;
+pub mod hub;
 pub mod keyspace;
 pub mod ledger;
 pub mod lock;
 pub mod metrics;
+pub mod proto;
 pub mod replication;
 pub mod router;
 pub mod script;

@@ -103,6 +103,19 @@ impl Router {
             .await;
     }
 
+    /// Asks for an immediate close without waiting (a forwarded admin close).
+    pub async fn close_now_detached(&self, auction: AuctionId) {
+        let _ = self
+            .send(
+                auction,
+                Work::Close {
+                    mode: CloseMode::Now,
+                    reply: None,
+                },
+            )
+            .await;
+    }
+
     async fn send(&self, auction: AuctionId, work: Work) -> Result<(), OpError> {
         self.tx
             .send(Command { auction, work })

@@ -8,15 +8,18 @@
 //! cannot stall valid bids behind round trips.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::admin::AdminService;
 use crate::backoff::Backoff;
 use crate::config::{RedisArgs, parse_duration};
+use crate::hub::Hub;
 use crate::keyspace::{AuctionId, truncate};
 use crate::ledger::AuctionSpec;
 use crate::metrics::{Counters, inc};
@@ -25,7 +28,7 @@ use crate::router::Router;
 use crate::sentinel::{Master, Settings};
 use crate::subscription::Subscription;
 use crate::task::TaskGuard;
-use crate::wire::{self, Event};
+use crate::wire::{self, CloseRequest, Event};
 use crate::worker::{self, WorkerContext, WorkerSettings};
 
 /// Default auction duration.
@@ -64,7 +67,21 @@ pub struct ServerArgs {
     /// Bound on draining in-flight work at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Where the gRPC admin API, health and reflection listen.
+    #[arg(long, env = "GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
+    /// Bearer token required by mutating admin calls (unset = no auth; set it in production).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Server-to-server channel (forwarded admin closes); only servers may publish on it.
+    #[arg(long, env = "CONTROL_CHANNEL", default_value = DEFAULT_CONTROL_CHANNEL, value_parser = crate::config::parse_channel)]
+    pub control_channel: String,
 }
+
+/// Default gRPC listen address.
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
+/// Default control channel.
+pub const DEFAULT_CONTROL_CHANNEL: &str = "auction-control";
 
 impl ServerArgs {
     /// Defaults for a local topology (tests, demos).
@@ -80,6 +97,9 @@ impl ServerArgs {
             wait_timeout: Duration::from_millis(500),
             lock_lease: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_token: None,
+            control_channel: DEFAULT_CONTROL_CHANNEL.into(),
         }
     }
 
@@ -103,6 +123,19 @@ impl ServerArgs {
         if self.lock_lease < Duration::from_millis(300) {
             anyhow::bail!("LOCK_LEASE must be at least 300ms");
         }
+        let channels = [
+            &self.redis.command_channel,
+            &self.redis.event_channel,
+            &self.control_channel,
+        ];
+        if channels[2] == channels[0] || channels[2] == channels[1] {
+            anyhow::bail!("CONTROL_CHANNEL must differ from COMMAND_CHANNEL and EVENT_CHANNEL");
+        }
+        if let Some(t) = &self.admin_token
+            && (t.trim().len() < 16 || t.trim() != t)
+        {
+            anyhow::bail!("ADMIN_TOKEN must be at least 16 characters without surrounding spaces");
+        }
         if self.wait_timeout >= self.lock_lease / 3 {
             anyhow::bail!("WAIT_TIMEOUT must be shorter than a third of LOCK_LEASE");
         }
@@ -113,6 +146,16 @@ impl ServerArgs {
 /// Runs the server until `shutdown` resolves, then drains and returns.
 pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     args.validate()?;
+    // Bind first: a taken port is a configuration error to report before touching Redis.
+    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on GRPC_ADDR {}: is another process using it?",
+                args.grpc_addr
+            )
+        })?;
+    let grpc_addr = listener.local_addr()?;
     let counters = Arc::new(Counters::default());
     let master = Master::start(Settings::from_args(&args.redis));
     let replication = Replication::start(master.clone(), args.wait_replicas, args.wait_timeout);
@@ -131,13 +174,41 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     });
     info!(owner = %ctx.owner, sentinels = ?args.redis.sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(), "auction server starting");
     let (router, router_task) = Router::start(ctx.clone(), args.shutdown_grace);
+    let hub = Hub::new();
 
+    // One subscription for all three channels; intake dispatches by channel name.
     let (msg_tx, mut msg_rx) = mpsc::channel(4096);
     let subscription = Subscription::start(
         master.clone(),
-        vec![args.redis.command_channel.clone()],
+        vec![
+            args.redis.command_channel.clone(),
+            args.control_channel.clone(),
+            args.redis.event_channel.clone(),
+        ],
         msg_tx,
     );
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    crate::health::not_serving(&reporter, SERVICES).await;
+    let (master_up, _master_up_task) = crate::health::master_up(&master);
+    let (ready, _ready_task) = crate::health::all_of(vec![master_up, subscription.watch_live()]);
+    let health_task = crate::health::report(reporter.clone(), SERVICES, ready);
+
+    let admin = AdminService {
+        router: router.clone(),
+        master: master.clone(),
+        hub: hub.clone(),
+        control_channel: args.control_channel.clone(),
+        admin_token: args.admin_token.clone(),
+        default_duration: args.auction_duration,
+    };
+    let (stop_grpc_tx, stop_grpc_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = TaskGuard::new(
+        "grpc server",
+        tokio::spawn(serve_grpc(listener, admin, health_service, stop_grpc_rx)),
+    );
+    info!(%grpc_addr, "gRPC listening (admin API, grpc.health.v1, reflection)");
+
     let (stop_closer_tx, stop_closer_rx) = tokio::sync::oneshot::channel::<()>();
     let closer = TaskGuard::new(
         "closer",
@@ -163,29 +234,27 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
             _ = &mut shutdown => break,
             msg = msg_rx.recv() => {
                 let Some(msg) = msg else { break };
-                inc(&counters.messages_received);
-                match wire::decode_command(&msg.payload) {
-                    Ok(bid) => router.bid(bid).await,
-                    Err(bad) => {
-                        inc(&counters.messages_malformed);
-                        warn!(
-                            reason = bad.error.reason(),
-                            error = %bad.error,
-                            bid_id = ?bad.bid_id,
-                            payload = %truncate(&String::from_utf8_lossy(&msg.payload), 200),
-                            "refused a command-channel message"
-                        );
-                        if let Some(event) = Event::for_malformed(&bad) {
-                            // Answering is best effort: under a flood of garbage, drop answers
-                            // rather than slow down intake of valid bids.
-                            let _ = reject_tx.try_send(event);
-                        }
+                if msg.channel == args.redis.event_channel {
+                    match Event::from_json(&msg.payload) {
+                        Ok(event) => hub.publish(event),
+                        Err(e) => warn!(error = %e, "ignoring an undecodable event on the event channel"),
                     }
+                } else if msg.channel == args.control_channel {
+                    match CloseRequest::from_json(&msg.payload) {
+                        Ok(req) => router.close_now_detached(req.auction_id).await,
+                        Err(e) => warn!(error = %e, payload = %truncate(&String::from_utf8_lossy(&msg.payload), 200), "refused a control-channel message"),
+                    }
+                } else {
+                    intake(&msg.payload, &router, &counters, &reject_tx).await;
                 }
             }
         }
     }
-    info!("shutting down: no new bids; draining auctions in progress");
+    info!("shutting down: NOT_SERVING, no new bids or admin calls; draining auctions in progress");
+    drop(health_task);
+    crate::health::not_serving(&reporter, SERVICES).await;
+    let _ = stop_grpc_tx.send(());
+    grpc.join(Duration::from_secs(2)).await;
     drop(subscription);
     let _ = stop_closer_tx.send(());
     closer.join(Duration::from_secs(1)).await;
@@ -195,6 +264,73 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
         .await;
     info!(counters = ?counters.snapshot(), "auction server stopped");
     Ok(())
+}
+
+/// Health service names that follow readiness (besides `""`).
+const SERVICES: &[&str] = &[crate::health::ADMIN_SERVICE];
+
+async fn intake(
+    payload: &[u8],
+    router: &Router,
+    counters: &Counters,
+    reject_tx: &mpsc::Sender<Event>,
+) {
+    inc(&counters.messages_received);
+    match wire::decode_command(payload) {
+        Ok(bid) => router.bid(bid).await,
+        Err(bad) => {
+            inc(&counters.messages_malformed);
+            warn!(
+                reason = bad.error.reason(),
+                error = %bad.error,
+                bid_id = ?bad.bid_id,
+                payload = %truncate(&String::from_utf8_lossy(payload), 200),
+                "refused a command-channel message"
+            );
+            if let Some(event) = Event::for_malformed(&bad) {
+                // Answering is best effort: under a flood of garbage, drop answers rather
+                // than slow down intake of valid bids.
+                let _ = reject_tx.try_send(event);
+            }
+        }
+    }
+}
+
+async fn serve_grpc(
+    listener: tokio::net::TcpListener,
+    admin: AdminService,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (v1, v1alpha) = match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            error!(error = %e, "cannot build the reflection service; this is a bug in the embedded descriptors");
+            return;
+        }
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(crate::proto::v1::auction_admin_server::AuctionAdminServer::new(admin))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop.await;
+            },
+        )
+        .await;
+    if let Err(e) = result {
+        error!(error = %e, "gRPC server failed");
+    }
 }
 
 async fn answer_malformed(master: Master, ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Event>) {

@@ -85,13 +85,15 @@ async fn five_clients_one_auction_highest_bid_wins_and_everyone_sees_the_close()
             ("BID_INTERVAL", "300ms".to_string()),
             ("MAX_BID", "5000".to_string()),
         ];
+        let port = free_port();
         let mut clients: Vec<Proc> = (0..5)
-            .map(|i| client(&stack, &format!("bidder-{i}"), &fast))
+            .map(|i| client(&stack, &format!("bidder-{i}"), port, &fast))
             .collect();
         wait_subscribers(&stack, DEFAULT_EVENT_CHANNEL, 6, Duration::from_secs(20)).await;
         let _server = server(
             &stack,
             "server",
+            port,
             &[
                 ("OPEN_ON_START", "Vintage guitar".into()),
                 ("AUCTION_DURATION", "4s".into()),
@@ -149,8 +151,9 @@ async fn two_servers_five_clients_no_bid_accepted_twice() {
             ("BID_INTERVAL", "200ms".to_string()),
             ("BID_RETRY_AFTER", "500ms".to_string()),
         ];
+        let ports = [free_port(), free_port()];
         let mut clients: Vec<Proc> = (0..5)
-            .map(|i| client(&stack, &format!("bidder-{i}"), &fast))
+            .map(|i| client(&stack, &format!("bidder-{i}"), ports[i % 2], &fast))
             .collect();
         wait_subscribers(&stack, DEFAULT_EVENT_CHANNEL, 6, Duration::from_secs(20)).await;
         let servers: Vec<Proc> = (0..2)
@@ -158,6 +161,7 @@ async fn two_servers_five_clients_no_bid_accepted_twice() {
                 server(
                     &stack,
                     &format!("server-{i}"),
+                    ports[i],
                     &[
                         ("OPEN_ON_START", format!("lot {i}")),
                         ("AUCTION_DURATION", "5s".into()),
@@ -237,6 +241,7 @@ async fn one_open_auction(
     let server = server(
         stack,
         "server",
+        free_port(),
         &[
             ("OPEN_ON_START", "burst lot".into()),
             ("AUCTION_DURATION", duration.into()),

@@ -22,18 +22,31 @@ pub use auction::devstack::Process as Proc;
 pub const SERVER: &str = env!("CARGO_BIN_EXE_auction-server");
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_auction-client");
 
-/// Starts an auction-server against `stack` with extra env.
-pub fn server(stack: &DevStack, name: &str, env: &[(&str, String)]) -> Proc {
-    let mut all = vec![("REDIS_SENTINELS", stack.sentinels_csv())];
+/// A free loopback port (for a server that clients must know before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Starts an auction-server against `stack`, gRPC on `port`, with extra env.
+pub fn server(stack: &DevStack, name: &str, port: u16, env: &[(&str, String)]) -> Proc {
+    let mut all = vec![
+        ("REDIS_SENTINELS", stack.sentinels_csv()),
+        ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+    ];
     all.extend(env.iter().cloned());
     Proc::spawn(stack.dir(), name, SERVER, &[], &all)
 }
 
-/// Starts an auction-client named `name` against `stack` with extra env.
-pub fn client(stack: &DevStack, name: &str, env: &[(&str, String)]) -> Proc {
+/// Starts an auction-client named `name` against `stack` and the server on `server_port`.
+pub fn client(stack: &DevStack, name: &str, server_port: u16, env: &[(&str, String)]) -> Proc {
     let mut all = vec![
         ("REDIS_SENTINELS", stack.sentinels_csv()),
         ("BIDDER_NAME", name.to_owned()),
+        ("SERVER_ADDR", format!("127.0.0.1:{server_port}")),
+        ("HEALTH_ADDR", "127.0.0.1:0".to_owned()),
     ];
     all.extend(env.iter().cloned());
     Proc::spawn(stack.dir(), name, CLIENT, &[], &all)
