@@ -269,3 +269,119 @@ async fn a_client_is_not_serving_until_the_server_is() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_close_racing_bids_and_another_close_happens_exactly_once() {
+    use auction::proto::v1 as pb;
+    use pb::auction_admin_client::AuctionAdminClient;
+    bounded(async {
+        let stack = stack().await;
+        let tap = Tap::start(&stack).await;
+        let ports = [free_port(), free_port()];
+        let _servers: Vec<Proc> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| server(&stack, &format!("server-{i}"), *p, &[]))
+            .collect();
+        for p in ports {
+            wait_health(p, "", "SERVING", Duration::from_secs(20)).await;
+        }
+        let mut a = AuctionAdminClient::connect(format!("http://127.0.0.1:{}", ports[0]))
+            .await
+            .expect("connect a");
+        let mut b = AuctionAdminClient::connect(format!("http://127.0.0.1:{}", ports[1]))
+            .await
+            .expect("connect b");
+        a.open_auction(pb::OpenAuctionRequest {
+            item: "race".into(),
+            starting_price: 1,
+            min_increment: 1,
+            auction_id: "race".into(),
+            duration: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("open");
+        let mut conn = master_conn(&stack).await;
+        let mut pipe = redis::pipe();
+        for n in 1..=1500u64 {
+            pipe.cmd("PUBLISH")
+                .arg(DEFAULT_COMMAND_CHANNEL)
+                .arg(bid_json("race", &format!("r{n}"), n))
+                .ignore();
+        }
+        let close_a = a.close_auction(pb::CloseAuctionRequest {
+            auction_id: "race".into(),
+        });
+        let close_b = b.close_auction(pb::CloseAuctionRequest {
+            auction_id: "race".into(),
+        });
+        let (published, ra, rb) = tokio::join!(pipe.query_async::<()>(&mut conn), close_a, close_b);
+        published.expect("publish");
+        let finals: Vec<pb::Auction> = [ra, rb]
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(resp) => resp.into_inner().auction,
+                Err(s) => {
+                    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+                    None
+                }
+            })
+            .collect();
+        assert!(!finals.is_empty(), "one close succeeded");
+        assert!(
+            finals.windows(2).all(|w| w[0] == w[1]),
+            "both callers see the same final auction"
+        );
+        let close = tap.closed("race", Duration::from_secs(20)).await;
+        // Let stragglers (bids judged after the close, re-announcements) arrive, bounded.
+        tap.wait_until("1500 outcomes", Duration::from_secs(30), |evs| {
+            (of(evs, "race")
+                .iter()
+                .filter(|e| e.bid_id().is_some())
+                .count()
+                >= 1500)
+                .then_some(())
+        })
+        .await;
+        let events = tap.events();
+        let closes: std::collections::HashSet<String> = of(&events, "race")
+            .iter()
+            .filter(|e| matches!(e, Event::AuctionClosed { .. }))
+            .map(Event::to_json)
+            .collect();
+        assert_eq!(closes.len(), 1, "exactly one close: {closes:?}");
+        let Event::AuctionClosed {
+            seq: close_seq,
+            amount,
+            ..
+        } = close
+        else {
+            unreachable!()
+        };
+        let accepted: Vec<(u64, u64)> = of(&events, "race")
+            .iter()
+            .filter_map(|e| match e {
+                Event::BidAccepted { seq, amount, .. } => Some((*seq, *amount)),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            accepted.iter().all(|(s, _)| *s < close_seq),
+            "no bid accepted after the close"
+        );
+        assert_eq!(
+            amount,
+            accepted.iter().map(|(_, a)| *a).max(),
+            "the winner is the highest accepted bid"
+        );
+        let fin = &finals[0];
+        assert_eq!(fin.winner.as_ref().map(|w| w.amount as u64), amount);
+        assert_eq!(fin.bid_count as usize, accepted.len());
+        assert_gapless(&events, "race");
+    })
+    .await;
+}
