@@ -19,6 +19,8 @@ use tracing::{debug, info, warn};
 use crate::backoff::{Backoff, jitter};
 use crate::config::{RedisArgs, parse_duration};
 use crate::keyspace::AuctionId;
+use crate::proto::v1 as pb;
+use crate::proto::v1::auction_admin_client::AuctionAdminClient;
 use crate::sentinel::{Master, Settings};
 use crate::subscription::Subscription;
 use crate::task::TaskGuard;
@@ -149,6 +151,8 @@ struct Tracked {
     pending: Option<Pending>,
     next_bid_at: Instant,
     out_of_budget: bool,
+    resync_due: bool,
+    last_resync: Option<Instant>,
 }
 
 /// Runs the bidder until its auction closes (or, with `keep_going`, until `shutdown`).
@@ -189,140 +193,283 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         }),
     );
     info!(bidder = %me, %health_addr, server = %args.server_addr, "bidder started; health listening; waiting for the server to be SERVING and for an open auction");
-    let mut server_was_up = false;
-
-    let mut summary = Summary::default();
-    let mut tracked: Option<Tracked> = None;
-    let mut last_seq: HashMap<String, u64> = HashMap::new();
-    let mut closed: HashMap<String, ()> = HashMap::new();
-    let mut counter = 0u64;
+    let admin = AuctionAdminClient::new(args.server_endpoint()?.connect_lazy());
+    let mut bidder = Bidder {
+        args: &args,
+        me,
+        only,
+        master,
+        admin,
+        summary: Summary::default(),
+        tracked: None,
+        last_seq: HashMap::new(),
+        closed: HashMap::new(),
+        counter: 0,
+        server_was_up: false,
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(shutdown);
-
     loop {
-        tokio::select! {
+        let flow = tokio::select! {
             _ = &mut shutdown => {
-                info!(bidder = %me, "stopping on signal");
-                break;
+                info!(bidder = %bidder.me, "stopping on signal");
+                Flow::Stop
             }
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                let event = match Event::from_json(&msg.payload) {
-                    Ok(e) => e,
+            msg = rx.recv() => match msg {
+                None => Flow::Stop,
+                Some(msg) => match Event::from_json(&msg.payload) {
+                    Ok(event) => bidder.on_event(&event),
                     Err(e) => {
                         warn!(error = %e, "ignoring an undecodable event");
-                        continue;
+                        Flow::Continue
                     }
-                };
-                if let (Some(id), Some(seq)) = (event.auction_id(), event.seq()) {
-                    let last = last_seq.entry(id.to_owned()).or_insert(0);
-                    if seq <= *last && *last > 0 {
-                        // A repeat (e.g. a duplicate's first outcome re-announced); the
-                        // bid outcome part is still useful below.
-                    } else {
-                        if *last > 0 && seq > *last + 1 {
-                            summary.gaps += 1;
-                            warn!(auction = %id, from = *last, to = seq, "missed events (seq gap); state may be stale until the next event");
-                        }
-                        *last = seq;
-                    }
-                }
-                if let Event::AuctionClosed { auction_id, winner, amount, .. } = &event {
-                    if closed.insert(auction_id.clone(), ()).is_none() {
-                        info!(auction = %auction_id, winner = winner.as_deref().unwrap_or("(none)"), amount = ?amount, "auction closed");
-                        summary.closed.push((auction_id.clone(), winner.clone(), *amount));
-                    }
-                    if tracked.as_ref().map(|t| t.id.as_str()) == Some(auction_id.as_str()) {
-                        if let Some(t) = tracked.take()
-                            && t.pending.is_some()
-                        {
-                            summary.unconfirmed += 1;
-                        }
-                        let won = winner.as_deref() == Some(me.as_str());
-                        info!(bidder = %me, won, "my auction closed");
-                        if !args.keep_going {
-                            break;
-                        }
-                    }
-                    continue;
-                }
-                if tracked.is_none()
-                    && let Some(t) = adopt(&event, only.as_ref(), &closed, args.bid_interval)
-                {
-                    info!(auction = %t.id, next_min = t.next_min, "bidding on auction");
-                    tracked = Some(t);
-                }
-                let Some(t) = tracked.as_mut() else { continue };
-                if event.auction_id() != Some(t.id.as_str()) {
-                    continue;
-                }
-                observe(t, &event, &me, &mut summary);
-            }
-            _ = tick.tick() => {
-                let server_is_up = *server_up.borrow();
-                if server_is_up != server_was_up {
-                    server_was_up = server_is_up;
-                    if server_is_up {
-                        info!(server = %args.server_addr, "server is SERVING; bidding enabled");
-                    } else {
-                        warn!(server = %args.server_addr, "server is not SERVING; bidding paused");
-                    }
-                }
-                if !server_is_up {
-                    continue;
-                }
-                let Some(t) = tracked.as_mut() else { continue };
-                let now = Instant::now();
-                if let Some(deadline) = t.deadline_ms
-                    && crate::unix_ms() > deadline + args.close_grace.as_millis() as u64
-                {
-                    anyhow::bail!(
-                        "auction {} passed its deadline {:?} ago without a close event reaching this bidder; check the server's logs",
-                        t.id, args.close_grace
-                    );
-                }
-                if let Some(p) = t.pending.as_mut() {
-                    if now.duration_since(p.sent_at) >= p.wait {
-                        p.sent_at = now;
-                        p.wait = args.retry_after + p.backoff.next_delay();
-                        summary.retries += 1;
-                        debug!(bid_id = %p.bid.bid_id, "no outcome yet; publishing the same bid again");
-                        publish(&master, &args.redis.command_channel, &p.bid).await;
-                    }
-                    continue;
-                }
-                if now < t.next_bid_at || t.out_of_budget || t.high_bidder.as_deref() == Some(me.as_str()) {
-                    continue;
-                }
-                t.next_bid_at = now + jitter(args.bid_interval, 0.2);
-                if t.next_min > args.max_bid {
-                    t.out_of_budget = true;
-                    info!(next_min = t.next_min, max_bid = args.max_bid, "the price passed my budget; no more bids");
-                    continue;
-                }
-                counter += 1;
-                let amount = (t.next_min + fastrand::u64(0..=t.step.saturating_mul(2))).min(args.max_bid);
-                let bid = Bid {
-                    auction_id: t.id.clone(),
-                    bid_id: format!("{me}-{counter}-{:06x}", fastrand::u32(..0x100_0000)),
-                    bidder: me.clone(),
-                    amount,
-                    traceparent: None,
-                };
-                info!(auction = %t.id, bid_id = %bid.bid_id, amount, "bidding");
-                summary.sent += 1;
-                publish(&master, &args.redis.command_channel, &bid).await;
-                t.pending = Some(Pending {
-                    bid,
-                    sent_at: now,
-                    backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(3)),
-                    wait: args.retry_after,
-                });
-            }
+                },
+            },
+            _ = tick.tick() => bidder.on_tick(*server_up.borrow()).await?,
+        };
+        if flow == Flow::Stop {
+            break;
         }
     }
-    info!(bidder = %me, ?summary, "bidder done");
-    Ok(summary)
+    info!(bidder = %bidder.me, summary = ?bidder.summary, "bidder done");
+    Ok(bidder.summary)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// How often a bidder may ask the server for stored state.
+const RESYNC_EVERY: Duration = Duration::from_secs(2);
+
+struct Bidder<'a> {
+    args: &'a BidderArgs,
+    me: String,
+    only: Option<AuctionId>,
+    master: Master,
+    admin: AuctionAdminClient<tonic::transport::Channel>,
+    summary: Summary,
+    tracked: Option<Tracked>,
+    last_seq: HashMap<String, u64>,
+    closed: HashMap<String, ()>,
+    counter: u64,
+    server_was_up: bool,
+}
+
+impl Bidder<'_> {
+    fn on_event(&mut self, event: &Event) -> Flow {
+        if let (Some(id), Some(seq)) = (event.auction_id(), event.seq()) {
+            let last = self.last_seq.entry(id.to_owned()).or_insert(0);
+            // Repeats (seq <= last) are re-announced outcomes: still useful below.
+            if seq > *last {
+                if *last > 0 && seq > *last + 1 {
+                    self.summary.gaps += 1;
+                    warn!(auction = %id, from = *last, to = seq, "missed events (seq gap); resyncing from the server's stored state");
+                    if let Some(t) = self.tracked.as_mut()
+                        && t.id.as_str() == id
+                    {
+                        t.resync_due = true;
+                    }
+                }
+                *last = seq;
+            }
+        }
+        if let Event::AuctionClosed {
+            auction_id,
+            winner,
+            amount,
+            ..
+        } = event
+        {
+            return self.closed_seen(auction_id, winner.clone(), *amount);
+        }
+        if self.tracked.is_none()
+            && let Some(t) = adopt(
+                event,
+                self.only.as_ref(),
+                &self.closed,
+                self.args.bid_interval,
+            )
+        {
+            info!(auction = %t.id, next_min = t.next_min, "bidding on auction");
+            self.tracked = Some(t);
+        }
+        if let Some(t) = self.tracked.as_mut()
+            && event.auction_id() == Some(t.id.as_str())
+        {
+            observe(t, event, &mut self.summary);
+        }
+        Flow::Continue
+    }
+
+    /// Records a close (from an event or from stored state); stops when it is ours.
+    fn closed_seen(
+        &mut self,
+        auction_id: &str,
+        winner: Option<String>,
+        amount: Option<u64>,
+    ) -> Flow {
+        if self.closed.insert(auction_id.to_owned(), ()).is_none() {
+            info!(auction = %auction_id, winner = winner.as_deref().unwrap_or("(none)"), amount = ?amount, "auction closed");
+            self.summary
+                .closed
+                .push((auction_id.to_owned(), winner.clone(), amount));
+        }
+        if self.tracked.as_ref().map(|t| t.id.as_str()) != Some(auction_id) {
+            return Flow::Continue;
+        }
+        if let Some(t) = self.tracked.take()
+            && t.pending.is_some()
+        {
+            self.summary.unconfirmed += 1;
+        }
+        let won = winner.as_deref() == Some(self.me.as_str());
+        info!(bidder = %self.me, won, "my auction closed");
+        if self.args.keep_going {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+
+    async fn on_tick(&mut self, server_is_up: bool) -> anyhow::Result<Flow> {
+        if server_is_up != self.server_was_up {
+            self.server_was_up = server_is_up;
+            if server_is_up {
+                info!(server = %self.args.server_addr, "server is SERVING; bidding enabled");
+            } else {
+                warn!(server = %self.args.server_addr, "server is not SERVING; bidding paused");
+            }
+        }
+        if !server_is_up {
+            return Ok(Flow::Continue);
+        }
+        if self.resync_if_due().await == Flow::Stop {
+            return Ok(Flow::Stop);
+        }
+        let args = self.args;
+        let Some(t) = self.tracked.as_mut() else {
+            return Ok(Flow::Continue);
+        };
+        let now = Instant::now();
+        if let Some(deadline) = t.deadline_ms
+            && crate::unix_ms() > deadline + args.close_grace.as_millis() as u64
+        {
+            anyhow::bail!(
+                "auction {} passed its deadline {:?} ago and neither a close event nor the server's stored state shows it closed; check the server's logs",
+                t.id,
+                args.close_grace
+            );
+        }
+        if let Some(p) = t.pending.as_mut() {
+            if now.duration_since(p.sent_at) >= p.wait {
+                p.sent_at = now;
+                p.wait = args.retry_after + p.backoff.next_delay();
+                self.summary.retries += 1;
+                debug!(bid_id = %p.bid.bid_id, "no outcome yet; publishing the same bid again");
+                publish(&self.master, &args.redis.command_channel, &p.bid).await;
+            }
+            return Ok(Flow::Continue);
+        }
+        if now < t.next_bid_at
+            || t.out_of_budget
+            || t.high_bidder.as_deref() == Some(self.me.as_str())
+        {
+            return Ok(Flow::Continue);
+        }
+        t.next_bid_at = now + jitter(args.bid_interval, 0.2);
+        if t.next_min > args.max_bid {
+            t.out_of_budget = true;
+            info!(
+                next_min = t.next_min,
+                max_bid = args.max_bid,
+                "the price passed my budget; no more bids"
+            );
+            return Ok(Flow::Continue);
+        }
+        self.counter += 1;
+        let amount = (t.next_min + fastrand::u64(0..=t.step.saturating_mul(2))).min(args.max_bid);
+        let bid = Bid {
+            auction_id: t.id.clone(),
+            bid_id: format!(
+                "{}-{}-{:06x}",
+                self.me,
+                self.counter,
+                fastrand::u32(..0x100_0000)
+            ),
+            bidder: self.me.clone(),
+            amount,
+            traceparent: None,
+        };
+        info!(auction = %t.id, bid_id = %bid.bid_id, amount, "bidding");
+        self.summary.sent += 1;
+        publish(&self.master, &args.redis.command_channel, &bid).await;
+        t.pending = Some(Pending {
+            bid,
+            sent_at: now,
+            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(3)),
+            wait: args.retry_after,
+        });
+        Ok(Flow::Continue)
+    }
+
+    /// Reads the tracked auction's stored state through the server's gRPC API when events
+    /// were missed (a `seq` gap), when we adopted it without its parameters, or when its
+    /// deadline passed and no close was heard (Pub/Sub is at-most-once).
+    async fn resync_if_due(&mut self) -> Flow {
+        let Some(t) = self.tracked.as_mut() else {
+            return Flow::Continue;
+        };
+        let overdue = t.deadline_ms.is_none_or(|d| crate::unix_ms() > d + 1000);
+        let due = t.resync_due
+            || (overdue && t.last_resync.is_none_or(|at| at.elapsed() >= RESYNC_EVERY));
+        if !due {
+            return Flow::Continue;
+        }
+        t.resync_due = false;
+        t.last_resync = Some(Instant::now());
+        let request = pb::GetAuctionRequest {
+            auction_id: t.id.to_string(),
+        };
+        let reply =
+            tokio::time::timeout(Duration::from_secs(2), self.admin.get_auction(request)).await;
+        let auction = match reply {
+            Ok(Ok(r)) => r.into_inner().auction,
+            Ok(Err(status)) => {
+                debug!(auction = %t.id, %status, "resync failed; will retry");
+                return Flow::Continue;
+            }
+            Err(_) => {
+                debug!(auction = %t.id, "resync timed out; will retry");
+                return Flow::Continue;
+            }
+        };
+        let Some(a) = auction else {
+            return Flow::Continue;
+        };
+        let ms = |ts: &Option<prost_types::Timestamp>| {
+            ts.as_ref()
+                .map(|t| t.seconds.max(0) as u64 * 1000 + t.nanos.max(0) as u64 / 1_000_000)
+        };
+        t.deadline_ms = ms(&a.deadline).or(t.deadline_ms);
+        t.step = (a.min_increment.max(1)) as u64;
+        let last = self.last_seq.entry(a.auction_id.clone()).or_insert(0);
+        *last = (*last).max(a.seq);
+        if a.state == pb::AuctionState::Closed as i32 {
+            let (winner, amount) = match &a.winner {
+                Some(w) => (Some(w.bidder.clone()), Some(w.amount as u64)),
+                None => (None, None),
+            };
+            return self.closed_seen(&a.auction_id, winner, amount);
+        }
+        if (a.next_min as u64) > t.next_min {
+            t.next_min = a.next_min as u64;
+        }
+        t.high_bidder = a.high_bid.map(|h| h.bidder);
+        Flow::Continue
+    }
 }
 
 /// Starts tracking the auction `event` is about, if it is one we may bid on.
@@ -360,11 +507,14 @@ fn adopt(
         pending: None,
         next_bid_at: first_bid_at,
         out_of_budget: false,
+        // Adopted from a bid event: we know neither the deadline nor the increment yet.
+        resync_due: deadline_ms.is_none(),
+        last_resync: None,
     })
 }
 
 /// Updates the tracked auction from one of its events.
-fn observe(t: &mut Tracked, event: &Event, me: &str, summary: &mut Summary) {
+fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary) {
     match event {
         Event::BidAccepted {
             bid_id,
@@ -402,7 +552,6 @@ fn observe(t: &mut Tracked, event: &Event, me: &str, summary: &mut Summary) {
         }
         _ => {}
     }
-    let _ = me;
 }
 
 /// Follows the server's `grpc.health.v1` status (service `""`) with `Watch`, reconnecting

@@ -119,8 +119,14 @@ async fn run(
             }
         };
         debug!(batch = batch.len(), ?verdict, "group commit");
+        // A failover may have started while WAIT was in flight: the replica that
+        // acknowledged may be one the promoted replica will overwrite. The link is dropped
+        // the moment a Sentinel announces the failover, so check again now.
+        let still_current = master
+            .current()
+            .is_some_and(|l| l.generation == link.generation);
         for r in batch.drain(..) {
-            let v = if r.generation == link.generation {
+            let v = if r.generation == link.generation && still_current {
                 verdict.clone()
             } else {
                 Err(NotDurable::MasterChanged)

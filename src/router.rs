@@ -6,7 +6,7 @@
 //! piece of work for an auction with no slot starts a worker, which tries to take the
 //! lease. The slot map is owned by one task, so there is no lock to hold across `.await`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +17,20 @@ use tracing::{debug, warn};
 
 use crate::keyspace::AuctionId;
 use crate::ledger::{AuctionSpec, CloseMode, Closed};
-use crate::metrics::inc;
+use crate::metrics::{add, inc};
 use crate::task::TaskGuard;
 use crate::wire::{Bid, Event};
 use crate::worker::{self, Exit, OpError, Work, WorkerContext};
 
 /// Longest a note "another server owns this auction" is trusted before asking Redis again.
 const MAX_BUSY_NOTE: Duration = Duration::from_secs(2);
+
+/// Bids kept per auction while another server holds it, and for how long: if the lease
+/// comes to us (the holder died or let go), these are judged first, so a handover loses
+/// nothing that arrived within this window. Duplicates of bids the old holder judged just
+/// get their first outcome again.
+const SHADOW_BIDS: usize = 1024;
+const SHADOW_AGE: Duration = Duration::from_secs(30);
 
 enum Slot {
     Worker {
@@ -32,7 +39,22 @@ enum Slot {
     },
     Busy {
         until: Instant,
+        shadow: VecDeque<(Instant, Bid)>,
     },
+}
+
+/// Appends `bid` to a shadow, dropping (and counting) what is too old or too many.
+fn shadow_push(shadow: &mut VecDeque<(Instant, Bid)>, bid: Bid, ctx: &WorkerContext) {
+    let now = Instant::now();
+    shadow.push_back((now, bid));
+    while shadow.len() > SHADOW_BIDS
+        || shadow
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > SHADOW_AGE)
+    {
+        shadow.pop_front();
+        inc(&ctx.counters.bids_left_to_owner);
+    }
 }
 
 struct Command {
@@ -141,12 +163,19 @@ async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Du
                 if current {
                     match exit.busy_for {
                         Some(d) => {
-                            slots.insert(exit.auction, Slot::Busy { until: Instant::now() + d.min(MAX_BUSY_NOTE) });
+                            let mut shadow = VecDeque::new();
+                            for bid in exit.leftover {
+                                shadow_push(&mut shadow, bid, &ctx);
+                            }
+                            let until = Instant::now() + d.min(MAX_BUSY_NOTE);
+                            slots.insert(exit.auction, Slot::Busy { until, shadow });
                         }
                         None => {
                             slots.remove(&exit.auction);
                         }
                     }
+                } else {
+                    add(&ctx.counters.bids_left_to_owner, exit.leftover.len() as u64);
                 }
             }
             Some(_) = workers.join_next(), if !workers.is_empty() => {}
@@ -166,9 +195,10 @@ async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Du
                                 }
                             }
                         }
-                        Some(Slot::Busy { until }) if now < *until && !matches!(work, Work::Open { .. }) => {
+                        Some(Slot::Busy { until, .. }) if now < *until && !matches!(work, Work::Open { .. }) => {
+                            let Some(Slot::Busy { shadow, .. }) = slots.get_mut(&auction) else { break };
                             match work {
-                                Work::Bid(_) => inc(&ctx.counters.bids_left_to_owner),
+                                Work::Bid(bid) => shadow_push(shadow, bid, &ctx),
                                 Work::Close { reply, .. } => {
                                     if let Some(r) = reply {
                                         let _ = r.send(Err(OpError::Busy));
@@ -191,7 +221,15 @@ async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Du
                                 must_exist,
                                 exits_tx.clone(),
                             ));
-                            slots.insert(auction.clone(), Slot::Worker { generation: next_generation, tx });
+                            let previous = slots.insert(auction.clone(), Slot::Worker { generation: next_generation, tx: tx.clone() });
+                            // Bids kept while someone else held the lease go first, in order.
+                            if let Some(Slot::Busy { shadow, .. }) = previous {
+                                for (_, bid) in shadow {
+                                    if tx.send(Work::Bid(bid)).await.is_err() {
+                                        inc(&ctx.counters.bids_left_to_owner);
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -200,7 +238,12 @@ async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Du
         // Forget expired notes so the map does not grow with every auction ever seen.
         if slots.len() > 1024 {
             let now = Instant::now();
-            slots.retain(|_, s| !matches!(s, Slot::Busy { until } if *until <= now));
+            slots.retain(|_, s| match s {
+                Slot::Busy { shadow, .. } => shadow
+                    .back()
+                    .is_some_and(|(at, _)| now.duration_since(*at) < SHADOW_AGE),
+                Slot::Worker { .. } => true,
+            });
         }
     }
     // Shutdown: dropping the senders lets each worker finish its queue and release its lease.

@@ -339,21 +339,65 @@ pub async fn resolve(settings: &Settings, generation: u64) -> Result<Link, Resol
     })
 }
 
+/// What the Sentinels announced about our master, as running counts (a watch of counts
+/// never loses an announcement to coalescing, unlike a watch of the last event).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Announcements {
+    /// `+failover-state-send-slaveof-noone`: the leader is about to promote a replica.
+    failover_started: u64,
+    /// `+switch-master`: the new master is in place.
+    switched: u64,
+}
+
+/// How long to refuse the old master after a failover started, if no `+switch-master`
+/// follows (the failover was aborted).
+const FAILOVER_HOLD: Duration = Duration::from_secs(10);
+
 async fn supervise(
     settings: Arc<Settings>,
     state: watch::Sender<Option<Link>>,
     invalid: Arc<AtomicU64>,
     wake: Arc<Notify>,
 ) {
-    let (switch_tx, mut switch_rx) = watch::channel(0u64);
-    let _switch_watcher = TaskGuard::new(
-        "sentinel +switch-master watcher",
-        tokio::spawn(watch_switch_master(settings.clone(), switch_tx)),
-    );
+    let (announce_tx, mut announce_rx) = watch::channel(Announcements::default());
+    let announce_tx = Arc::new(announce_tx);
+    // One watcher per Sentinel: only the failover leader announces the promotion, and we
+    // cannot know in advance which Sentinel leads.
+    let _watchers: Vec<TaskGuard> = settings
+        .sentinels
+        .iter()
+        .map(|addr| {
+            TaskGuard::new(
+                "sentinel announcements watcher",
+                tokio::spawn(watch_announcements(
+                    settings.clone(),
+                    addr.clone(),
+                    announce_tx.clone(),
+                )),
+            )
+        })
+        .collect();
     let mut generation = 0u64;
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    // After a failover starts, the old master must not be used again: it may still accept
+    // writes that the promoted replica will never see.
+    let mut avoid: Option<(HostPort, tokio::time::Instant)> = None;
+    let mut seen = *announce_rx.borrow_and_update();
     loop {
-        let link = match resolve(&settings, generation + 1).await {
+        let now = *announce_rx.borrow_and_update();
+        if now.switched != seen.switched {
+            avoid = None;
+        }
+        seen = now;
+        if avoid
+            .as_ref()
+            .is_some_and(|(_, until)| tokio::time::Instant::now() >= *until)
+        {
+            avoid = None;
+        }
+        let link = match resolve_avoiding(&settings, generation + 1, avoid.as_ref().map(|(a, _)| a))
+            .await
+        {
             Ok(link) => link,
             Err(e) => {
                 // Log the first failure and then every tenth, so an outage is visible but
@@ -368,45 +412,89 @@ async fn supervise(
         backoff.reset();
         generation = link.generation;
         info!(master = %link.addr, generation, "connected to Redis master");
-        switch_rx.mark_unchanged();
         state.send_replace(Some(link.clone()));
-        let reason = watch_link(&settings, &link, &invalid, &wake, &mut switch_rx).await;
-        warn!(master = %link.addr, generation, %reason, "lost the Redis master; re-resolving through Sentinel");
+        let (reason, failover) = watch_link(
+            &settings,
+            &link,
+            &invalid,
+            &wake,
+            &mut announce_rx,
+            &mut seen,
+        )
+        .await;
+        if failover {
+            avoid = Some((
+                link.addr.clone(),
+                tokio::time::Instant::now() + FAILOVER_HOLD,
+            ));
+        }
+        // Drop the link before logging: callers stop using it as early as possible.
         state.send_replace(None);
+        warn!(master = %link.addr, generation, %reason, "lost the Redis master; re-resolving through Sentinel");
     }
 }
 
-/// Returns when `link` should be abandoned, with the reason.
+/// [`resolve`], refusing `avoid` (a master being failed over) as "failover in progress".
+async fn resolve_avoiding(
+    settings: &Settings,
+    generation: u64,
+    avoid: Option<&HostPort>,
+) -> Result<Link, ResolveError> {
+    let link = resolve(settings, generation).await?;
+    match avoid {
+        Some(old) if *old == link.addr => Err(ResolveError::MasterUnusable {
+            addr: old.to_string(),
+            problem: "a failover away from it is in progress; waiting for the promoted replica"
+                .into(),
+        }),
+        _ => Ok(link),
+    }
+}
+
+/// Returns when `link` should be abandoned: the reason, and whether a failover started.
 async fn watch_link(
     settings: &Settings,
     link: &Link,
     invalid: &AtomicU64,
     wake: &Notify,
-    switch_rx: &mut watch::Receiver<u64>,
-) -> String {
+    announcements: &mut watch::Receiver<Announcements>,
+    seen: &mut Announcements,
+) -> (String, bool) {
     let mut probe = tokio::time::interval(settings.probe_interval);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sentinel_conn: Option<MultiplexedConnection> = None;
     let mut next_sentinel = 0usize;
     loop {
         if invalid.load(Ordering::SeqCst) >= link.generation {
-            return "a caller saw the connection fail or the node refuse writes".into();
+            return (
+                "a caller saw the connection fail or the node refuse writes".into(),
+                false,
+            );
         }
         tokio::select! {
             _ = wake.notified() => continue,
-            changed = switch_rx.changed() => {
-                if changed.is_ok() {
-                    return "Sentinel announced +switch-master".into();
+            changed = announcements.changed() => {
+                if changed.is_err() {
+                    continue;
                 }
+                let now = *announcements.borrow_and_update();
+                let previous = std::mem::replace(seen, now);
+                if now.failover_started != previous.failover_started {
+                    return ("a Sentinel started a failover (+failover-state-send-slaveof-noone)".into(), true);
+                }
+                if now.switched != previous.switched {
+                    return ("Sentinel announced +switch-master".into(), false);
+                }
+                continue;
             }
             _ = probe.tick() => {}
         }
         let mut conn = link.conn.clone();
         match timeout(settings.response_timeout, role(&mut conn)).await {
             Ok(Ok(r)) if r == "master" => {}
-            Ok(Ok(r)) => return format!("node now reports ROLE {r:?}"),
-            Ok(Err(e)) => return format!("probe failed: {e}"),
-            Err(_) => return "probe timed out".into(),
+            Ok(Ok(r)) => return (format!("node now reports ROLE {r:?}"), false),
+            Ok(Err(e)) => return (format!("probe failed: {e}"), false),
+            Err(_) => return ("probe timed out".into(), false),
         }
         // Cross-check with a Sentinel; its silence is no reason to drop a working master.
         if sentinel_conn.is_none() {
@@ -417,7 +505,7 @@ async fn watch_link(
         if let Some(conn) = sentinel_conn.as_mut() {
             match ask_sentinel(settings, conn).await {
                 Ok(Some(addr)) if addr != link.addr => {
-                    return format!("Sentinel now names {addr} as master");
+                    return (format!("Sentinel now names {addr} as master"), false);
                 }
                 Ok(_) => {}
                 Err(_) => sentinel_conn = None,
@@ -426,41 +514,95 @@ async fn watch_link(
     }
 }
 
-/// Subscribes to `+switch-master` on one Sentinel at a time and bumps `tx` on each
-/// announcement for our master. Missed announcements are caught by the periodic probe.
-async fn watch_switch_master(settings: Arc<Settings>, tx: watch::Sender<u64>) {
+/// Watches one Sentinel's announcements about our master, reconnecting with backoff.
+/// Missed announcements are caught by the periodic probe.
+async fn watch_announcements(
+    settings: Arc<Settings>,
+    addr: HostPort,
+    tx: Arc<watch::Sender<Announcements>>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut index = 0usize;
     loop {
-        let addr = &settings.sentinels[index % settings.sentinels.len()];
-        index += 1;
         let subscribed = async {
-            let client = client_for(addr, &settings.sentinel_auth)?;
+            let client = client_for(&addr, &settings.sentinel_auth)?;
             let mut pubsub = timeout(settings.connect_timeout, client.get_async_pubsub())
                 .await
                 .map_err(|_| {
                     RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
                 })??;
-            pubsub.subscribe("+switch-master").await?;
+            pubsub
+                .subscribe(&["+switch-master", "+failover-state-send-slaveof-noone"])
+                .await?;
             Ok::<_, RedisError>(pubsub)
         }
         .await;
         match subscribed {
             Ok(pubsub) => {
                 backoff.reset();
-                debug!(sentinel = %addr, "watching +switch-master");
+                debug!(sentinel = %addr, "watching Sentinel announcements");
                 let mut stream = pubsub.into_on_message();
                 while let Some(msg) = stream.next().await {
                     let payload = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
-                    if payload.split_whitespace().next() == Some(settings.master_name.as_str()) {
-                        info!(sentinel = %addr, %payload, "Sentinel announced +switch-master");
-                        tx.send_modify(|n| *n += 1);
+                    let channel = msg.get_channel_name().to_owned();
+                    if !announcement_is_for(&channel, &payload, &settings.master_name) {
+                        continue;
                     }
+                    info!(sentinel = %addr, %channel, %payload, "Sentinel announcement");
+                    tx.send_modify(|a| match channel.as_str() {
+                        "+switch-master" => a.switched += 1,
+                        _ => a.failover_started += 1,
+                    });
                 }
-                debug!(sentinel = %addr, "+switch-master subscription ended");
+                debug!(sentinel = %addr, "Sentinel announcement subscription ended");
             }
-            Err(e) => debug!(sentinel = %addr, error = %e, "cannot watch +switch-master here"),
+            Err(e) => {
+                debug!(sentinel = %addr, error = %e, "cannot watch this Sentinel's announcements")
+            }
         }
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// True when a Sentinel announcement concerns `master`. `+switch-master` payloads start
+/// with the master name; instance events end with `@ <master> <ip> <port>`.
+fn announcement_is_for(channel: &str, payload: &str, master: &str) -> bool {
+    let words: Vec<&str> = payload.split_whitespace().collect();
+    if channel == "+switch-master" {
+        return words.first() == Some(&master);
+    }
+    words
+        .iter()
+        .position(|w| *w == "@")
+        .and_then(|i| words.get(i + 1))
+        == Some(&master)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::announcement_is_for;
+
+    #[test]
+    fn announcements_are_matched_to_the_master_name() {
+        assert!(announcement_is_for(
+            "+switch-master",
+            "mymaster 127.0.0.1 1 127.0.0.1 2",
+            "mymaster"
+        ));
+        assert!(!announcement_is_for(
+            "+switch-master",
+            "other 127.0.0.1 1 127.0.0.1 2",
+            "mymaster"
+        ));
+        let promote = "slave 127.0.0.1:6380 127.0.0.1 6380 @ mymaster 127.0.0.1 6379";
+        assert!(announcement_is_for(
+            "+failover-state-send-slaveof-noone",
+            promote,
+            "mymaster"
+        ));
+        assert!(!announcement_is_for(
+            "+failover-state-send-slaveof-noone",
+            promote,
+            "mymaster2"
+        ));
     }
 }

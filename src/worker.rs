@@ -113,6 +113,9 @@ pub struct Exit {
     pub generation: u64,
     /// Set when another server holds the lease: leave its bids alone for this long.
     pub busy_for: Option<Duration>,
+    /// Bids this worker received but did not judge, in arrival order. The router keeps them
+    /// so that whoever takes the lease next judges them (duplicates are harmless).
+    pub leftover: Vec<Bid>,
 }
 
 enum Stop {
@@ -133,22 +136,24 @@ pub async fn run(
     must_exist: bool,
     exits: mpsc::UnboundedSender<Exit>,
 ) {
-    let stop = serve(&ctx, &auction, &mut rx, must_exist).await;
+    let mut leftover = Vec::new();
+    let stop = serve(&ctx, &auction, &mut rx, must_exist, &mut leftover).await;
     rx.close();
     let busy_for = match &stop {
         Stop::NotOwner(d) => Some(d.unwrap_or(ctx.settings.lease / 5)),
         Stop::Unavailable(_) => Some(Duration::from_millis(200)),
         Stop::Done => None,
     };
-    // Whatever is still queued cannot be done by us: bids are left for their bidders to
-    // retry (with the same bid_id, so nothing is judged twice); admin callers get an error.
+    // Whatever is still queued cannot be done by us: bids go back to the router for the
+    // next lease holder (and bidders retry anyway, with the same bid_id, so nothing is
+    // judged twice); admin callers get an error.
     while let Ok(work) = rx.try_recv() {
         let err = match &stop {
             Stop::Unavailable(e) => OpError::Unavailable(e.clone()),
             _ => OpError::Busy,
         };
         match work {
-            Work::Bid(_) => inc(&ctx.counters.bids_left_to_owner),
+            Work::Bid(bid) => leftover.push(bid),
             Work::Open { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
@@ -163,6 +168,7 @@ pub async fn run(
         auction,
         generation,
         busy_for,
+        leftover,
     });
 }
 
@@ -171,6 +177,7 @@ async fn serve(
     auction: &AuctionId,
     rx: &mut mpsc::Receiver<Work>,
     must_exist: bool,
+    leftover: &mut Vec<Bid>,
 ) -> Stop {
     let mut lease = match take_lease(ctx, auction, must_exist).await {
         Ok(Some(lease)) => lease,
@@ -190,7 +197,7 @@ async fn serve(
     let mut renew = tokio::time::interval(ctx.settings.lease / 3);
     renew.tick().await;
     let mut idle_since = Instant::now();
-    let mut closing = false;
+    let mut draining = false;
     let mut w = Worker {
         ctx,
         lease: Some(lease.clone()),
@@ -214,20 +221,18 @@ async fn serve(
                         Err(_) => break,
                     }
                 }
-                match w.handle(batch).await {
-                    Ok(closed) => closing |= closed,
-                    Err(stop) => break stop,
+                // A closed auction keeps its worker until idle: late bids are answered
+                // by the holder instead of moving the lease around.
+                if let Err((stop, unjudged)) = w.handle(batch).await {
+                    leftover.extend(unjudged);
+                    break stop;
                 }
                 idle_since = Instant::now();
-                if closing {
-                    // Closed: stop taking new work, answer what is queued, then let go.
-                    rx.close();
-                }
             }
-            _ = tokio::time::sleep_until(idle_deadline), if !closing => {
+            _ = tokio::time::sleep_until(idle_deadline), if !draining => {
                 // Idle: finish anything that raced in, then let the lease go.
                 rx.close();
-                closing = true;
+                draining = true;
             }
         }
     };
@@ -308,26 +313,48 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
-    /// Handles a batch in order. Returns true once the auction is closed.
-    async fn handle(&mut self, batch: Vec<Work>) -> Result<bool, Stop> {
-        let mut closed = false;
-        let mut bids = Vec::new();
-        for work in batch {
-            match work {
-                Work::Bid(bid) => bids.push(bid),
-                other => {
-                    // Keep arrival order: bids queued before an admin operation go first.
-                    if !bids.is_empty() {
-                        self.judge(std::mem::take(&mut bids)).await?;
-                    }
-                    closed |= self.admin(other).await?;
+    /// Handles a batch in order. On failure, returns the bids it could not judge (in order).
+    async fn handle(&mut self, batch: Vec<Work>) -> Result<(), (Stop, Vec<Bid>)> {
+        let mut pending: Vec<Bid> = Vec::new();
+        let mut rest = batch.into_iter();
+        while let Some(work) = rest.next() {
+            let failed = match work {
+                Work::Bid(bid) => {
+                    pending.push(bid);
+                    continue;
                 }
+                // Keep arrival order: bids queued before an admin operation go first.
+                admin => match self.judge_all(&mut pending).await {
+                    Err(stop) => Some((stop, Some(admin))),
+                    Ok(()) => self.admin(admin).await.err().map(|stop| (stop, None)),
+                },
+            };
+            if let Some((stop, admin)) = failed {
+                if let Some(admin) = admin {
+                    reject_admin(admin, &stop);
+                }
+                pending.extend(rest.filter_map(|w| match w {
+                    Work::Bid(b) => Some(b),
+                    admin => {
+                        reject_admin(admin, &stop);
+                        None
+                    }
+                }));
+                return Err((stop, pending));
             }
         }
-        if !bids.is_empty() {
-            self.judge(bids).await?;
+        let result = self.judge_all(&mut pending).await;
+        result.map_err(|stop| (stop, pending))
+    }
+
+    /// Judges `bids` and empties it on success; leaves it intact on failure.
+    async fn judge_all(&mut self, bids: &mut Vec<Bid>) -> Result<(), Stop> {
+        if bids.is_empty() {
+            return Ok(());
         }
-        Ok(closed)
+        self.judge(bids).await?;
+        bids.clear();
+        Ok(())
     }
 
     fn lease(&self) -> Result<&Lease, Stop> {
@@ -369,16 +396,15 @@ impl Worker<'_> {
         }
     }
 
-    async fn judge(&mut self, bids: Vec<Bid>) -> Result<(), Stop> {
+    async fn judge(&mut self, bids: &[Bid]) -> Result<(), Stop> {
         let n = bids.len() as u64;
-        let bids = Arc::new(bids);
+        let bids = Arc::new(bids.to_vec());
         let (judged, generation) = self
             .fenced("place bids", |mut conn, lease| {
                 let bids = bids.clone();
                 async move { ledger::place_bids(&mut conn, &lease, &bids).await }
             })
-            .await
-            .inspect_err(|_| add(&self.ctx.counters.bids_deferred, n))?;
+            .await?;
         let c = &self.ctx.counters;
         for j in &judged {
             match (&j.event, j.fresh) {
@@ -521,6 +547,21 @@ impl Worker<'_> {
                 if let Some(r) = reply {
                     let _ = r.send(Err(OpError::NotFound));
                 }
+            }
+        }
+    }
+}
+
+/// Answers an admin request that cannot run because the worker is stopping.
+fn reject_admin(work: Work, stop: &Stop) {
+    match work {
+        Work::Bid(_) => {}
+        Work::Open { reply, .. } => {
+            let _ = reply.send(Err(stop_error(stop)));
+        }
+        Work::Close { reply, .. } => {
+            if let Some(r) = reply {
+                let _ = r.send(Err(stop_error(stop)));
             }
         }
     }
