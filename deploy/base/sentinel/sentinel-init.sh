@@ -45,7 +45,14 @@ current_master() {
   done
 }
 
+# Ordered start: give the data nodes time to come up (bounded) before falling back.
+waited=0
 master=$(current_master || true)
+while [ -z "$master" ] && [ "$waited" -lt "${WAIT_FOR_MASTER_SECONDS:-60}" ]; do
+  sleep 2
+  waited=$((waited + 2))
+  master=$(current_master || true)
+done
 if [ -z "$master" ]; then
   master="$INITIAL_MASTER_HOST $MASTER_PORT"
   echo "sentinel-init: nobody knows $MASTER_NAME yet; monitoring the initial master $master"
