@@ -8,11 +8,26 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     bidder: auction::bidder::BidderArgs,
+    /// Validate the configuration (flags and environment) and exit: 0 if it is usable.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.check_config {
+        return match cli.bidder.validate() {
+            Ok(()) => {
+                println!("auction-client: configuration OK");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("auction-client: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let _telemetry = match auction::telemetry::init("auction-client") {
         Ok(t) => t,
         Err(e) => {

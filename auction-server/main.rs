@@ -9,11 +9,26 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     server: auction::server::ServerArgs,
+    /// Validate the configuration (flags and environment) and exit: 0 if it is usable.
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.check_config {
+        return match cli.server.validate() {
+            Ok(()) => {
+                println!("auction-server: configuration OK");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("auction-server: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let _telemetry = match auction::telemetry::init("auction-server") {
         Ok(t) => t,
         Err(e) => {
