@@ -5,4 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
 ensure_grpcurl
+rm -f target/chaos/figures.json
 cargo test --all-targets --locked -- "$@"
+if [ -f target/chaos/figures.json ]; then
+  echo "chaos figures (tests/chaos.rs, also in target/chaos/figures.json):"
+  cat target/chaos/figures.json
+fi

@@ -378,7 +378,7 @@ async fn supervise(
         })
         .collect();
     let mut generation = 0u64;
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     // After a failover starts, the old master must not be used again: it may still accept
     // writes that the promoted replica will never see.
     let mut avoid: Option<(HostPort, tokio::time::Instant)> = None;
@@ -405,7 +405,11 @@ async fn supervise(
                 if backoff.attempts() % 10 == 0 {
                     warn!(error = %e, attempt = backoff.attempts() + 1, "cannot reach the Redis master; retrying");
                 }
-                tokio::time::sleep(backoff.next_delay()).await;
+                // A +switch-master ends the wait at once: the promoted replica is ready.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = announce_rx.changed() => {}
+                }
                 continue;
             }
         };

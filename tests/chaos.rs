@@ -1,0 +1,613 @@
+//! Chaos: several auctions, 2 servers, 10 bidders (6 `auction-client` processes and 4
+//! in-process bidders that record every bid they send), while the test SIGKILLs the Redis
+//! master three times, triggers `SENTINEL FAILOVER` once, SIGKILLs and restarts a server,
+//! and SIGSTOPs the holder of an auction's lease past its lease. A history checker then
+//! holds the result against ARCHITECTURE.md's guarantees 1-6 and prints the figures
+//! (also written to `target/chaos/figures.json`).
+//!
+//! Loopback only, bounded in time (≈2 minutes), stops by itself.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use auction::config::{DEFAULT_COMMAND_CHANNEL, DEFAULT_EVENT_CHANNEL, RedisArgs};
+use auction::devstack::{DevStack, DevStackConfig};
+use auction::keyspace::AuctionId;
+use auction::ledger;
+use auction::proto::v1 as pb;
+use auction::proto::v1::auction_admin_client::AuctionAdminClient;
+use auction::sentinel::{Master, Settings};
+use auction::subscription::Subscription;
+use auction::task::TaskGuard;
+use auction::wire::{Bid, Event};
+use support::*;
+use tokio::sync::mpsc;
+
+const AUCTIONS: usize = 3;
+const AUCTION_SECONDS: i64 = 95;
+const LEASE: &str = "3s";
+
+/// Every event seen on the event channel (through failovers), with when it arrived.
+#[derive(Clone, Default)]
+struct Recorder {
+    events: Arc<Mutex<Vec<(Instant, Event)>>>,
+}
+
+impl Recorder {
+    fn start(master: Master) -> (Recorder, Subscription, TaskGuard) {
+        let rec = Recorder::default();
+        let (tx, mut rx) = mpsc::channel(65536);
+        let sub = Subscription::start(master, vec![DEFAULT_EVENT_CHANNEL.into()], tx);
+        let events = rec.events.clone();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                if let Ok(e) = Event::from_json(&msg.payload) {
+                    events.lock().expect("lock").push((Instant::now(), e));
+                }
+            }
+        });
+        (rec, sub, TaskGuard::new("recorder", task))
+    }
+
+    fn snapshot(&self) -> Vec<(Instant, Event)> {
+        self.events.lock().expect("lock").clone()
+    }
+
+    fn outcome_of(&self, bid_id: &str) -> bool {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(_, e)| e.bid_id() == Some(bid_id))
+    }
+
+    fn next_min(&self, auction: &str) -> Option<u64> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .rev()
+            .find_map(|(_, e)| match e {
+                Event::BidAccepted {
+                    auction_id,
+                    next_min,
+                    ..
+                } if auction_id == auction => Some(*next_min),
+                _ => None,
+            })
+    }
+
+    /// First `bid_accepted` received after `t` (optionally only for some auctions).
+    fn first_accept_after(
+        &self,
+        t: Instant,
+        auctions: Option<&HashSet<String>>,
+    ) -> Option<Instant> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .find_map(|(at, e)| match e {
+                Event::BidAccepted { auction_id, .. }
+                    if *at > t && auctions.is_none_or(|set| set.contains(auction_id)) =>
+                {
+                    Some(*at)
+                }
+                _ => None,
+            })
+    }
+}
+
+/// A bid a recording bidder sent, and whether it ever got an outcome.
+#[derive(Clone, Debug)]
+struct Sent {
+    bid: Bid,
+    last_sent: Instant,
+}
+
+/// A plain bidder that records everything it sends and retries (same `bid_id`) until it
+/// sees an outcome.
+async fn recording_bidder(
+    name: String,
+    master: Master,
+    recorder: Recorder,
+    auctions: Vec<String>,
+    sent: Arc<Mutex<HashMap<String, Sent>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut n = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !*stop.borrow() {
+        tick.tick().await;
+        n += 1;
+        let auction = &auctions[(n as usize) % auctions.len()];
+        let amount = recorder.next_min(auction).unwrap_or(100) + fastrand::u64(0..30);
+        let bid = Bid {
+            auction_id: AuctionId::parse(auction).expect("id"),
+            bid_id: format!("{name}-{n}"),
+            bidder: name.clone(),
+            amount,
+            traceparent: None,
+        };
+        let mut to_send = vec![bid.clone()];
+        {
+            let mut s = sent.lock().expect("lock");
+            s.insert(
+                bid.bid_id.clone(),
+                Sent {
+                    bid,
+                    last_sent: Instant::now(),
+                },
+            );
+            for entry in s.values_mut() {
+                if entry.bid.bidder == name
+                    && entry.last_sent.elapsed() > Duration::from_secs(1)
+                    && !recorder.outcome_of(&entry.bid.bid_id)
+                {
+                    entry.last_sent = Instant::now();
+                    to_send.push(entry.bid.clone());
+                }
+            }
+        }
+        if let Ok(link) = master.link(Duration::from_millis(200)).await {
+            let mut pipe = redis::pipe();
+            for b in &to_send {
+                pipe.cmd("PUBLISH")
+                    .arg(DEFAULT_COMMAND_CHANNEL)
+                    .arg(b.to_json())
+                    .ignore();
+            }
+            let mut conn = link.conn.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                master.report(link.generation, &e);
+            }
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+async fn master_index(stack: &DevStack) -> usize {
+    let port = stack.current_master_port().await.expect("master port");
+    stack.node_index(port).expect("known node")
+}
+
+/// Kills the master, waits for the promotion, restarts the old node and waits until it
+/// has resynced as a replica. Returns (seconds to promotion, kill instant).
+async fn kill_master(stack: &mut DevStack) -> (f64, Instant) {
+    let old = master_index(stack).await;
+    let old_port = stack.node_port(old);
+    let t = Instant::now();
+    stack.kill_node(old).expect("kill master");
+    stack
+        .wait_for_master_change(old_port, Duration::from_secs(40))
+        .await
+        .expect("failover after kill");
+    let promoted = t.elapsed().as_secs_f64();
+    stack.restart_node(old).await.expect("restart old master");
+    let until = Instant::now() + Duration::from_secs(60);
+    while stack.wait_for_replica_link(old).await.is_err() {
+        assert!(
+            Instant::now() < until,
+            "old master never rejoined as a replica"
+        );
+    }
+    (promoted, t)
+}
+
+/// The server process whose lock owner id holds `auction`'s lease (owner ids embed the pid).
+async fn holder_pid(stack: &DevStack, auction: &str) -> Option<u32> {
+    let mut conn = master_conn(stack).await;
+    let id = AuctionId::parse(auction).expect("id");
+    let value: Option<String> = redis::cmd("GET")
+        .arg(id.lock_key())
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    // OWNER#TOKEN where OWNER = host-pid-random
+    let owner = value?.split('#').next()?.to_owned();
+    let mut parts = owner.rsplit('-');
+    parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_history_checker() {
+    tokio::time::timeout(Duration::from_secs(300), run())
+        .await
+        .expect("the chaos test exceeded its 300 s bound");
+}
+
+async fn run() {
+    let mut stack = DevStack::start(DevStackConfig {
+        failover_timeout: Duration::from_secs(5),
+        ..DevStackConfig::default()
+    })
+    .await
+    .expect("topology");
+    let master = Master::start(Settings::from_args(
+        &RedisArgs::local(&stack.sentinel_addrs()).expect("args"),
+    ));
+    let (recorder, _rec_sub, _rec_task) = Recorder::start(master.clone());
+    let ports = [free_port(), free_port()];
+    let server_env = |_: usize| vec![("LOCK_LEASE", LEASE.to_string())];
+    let mut servers: Vec<Proc> = (0..2)
+        .map(|i| server(&stack, &format!("server-{i}"), ports[i], &server_env(i)))
+        .collect();
+    for p in ports {
+        wait_health(p, "", "SERVING", Duration::from_secs(30)).await;
+    }
+    let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{}", ports[0]))
+        .await
+        .expect("admin");
+    let mut ids = Vec::new();
+    for i in 0..AUCTIONS {
+        let id = format!("chaos-{i}");
+        admin
+            .open_auction(pb::OpenAuctionRequest {
+                item: format!("lot {i}"),
+                starting_price: 100,
+                min_increment: 5,
+                auction_id: id.clone(),
+                duration: Some(prost_types::Duration {
+                    seconds: AUCTION_SECONDS,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("open");
+        ids.push(id);
+    }
+    // Our bidders (processes) and the recording bidders (in-process).
+    let mut clients: Vec<Proc> = (0..6)
+        .map(|i| {
+            client(
+                &stack,
+                &format!("client-{i}"),
+                ports[i % 2],
+                &[
+                    ("AUCTION_ID", ids[i % AUCTIONS].clone()),
+                    ("BID_INTERVAL", "300ms".into()),
+                    ("BID_RETRY_AFTER", "1s".into()),
+                    ("MAX_BID", "100000000".into()),
+                    ("CLOSE_GRACE", "60s".into()),
+                ],
+            )
+        })
+        .collect();
+    let sent: Arc<Mutex<HashMap<String, Sent>>> = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let _bidders: Vec<TaskGuard> = (0..4)
+        .map(|i| {
+            TaskGuard::new(
+                "recording bidder",
+                tokio::spawn(recording_bidder(
+                    format!("rec-{i}"),
+                    master.clone(),
+                    recorder.clone(),
+                    ids.clone(),
+                    sent.clone(),
+                    stop_rx.clone(),
+                )),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let accepted_so_far = |r: &Recorder| {
+        r.snapshot()
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::BidAccepted { .. }))
+            .count()
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    while accepted_so_far(&recorder) < 20 {
+        assert!(Instant::now() < until, "bids never started flowing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // --- Faults -----------------------------------------------------------------------
+    let mut promotions = Vec::new();
+    let mut kills = Vec::new();
+    for round in 0..2 {
+        let (promoted, t) = kill_master(&mut stack).await;
+        eprintln!(
+            "chaos: master kill {} promoted after {promoted:.2}s",
+            round + 1
+        );
+        promotions.push(promoted);
+        kills.push(t);
+    }
+    // A manual failover while bids flow: the old master stays up.
+    let old_port = stack.current_master_port().await.expect("master");
+    // A Sentinel refuses while it still counts a previous failover (2 x failover-timeout)
+    // or while no replica is fit; ask each in turn until one accepts (bounded).
+    let t = Instant::now();
+    let until = Instant::now() + Duration::from_secs(40);
+    'asked: loop {
+        for addr in stack.sentinel_addrs() {
+            let sentinel = redis::Client::open(format!("redis://{addr}/")).expect("client");
+            let Ok(mut sconn) = sentinel.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            match redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg("mymaster")
+                .query_async::<String>(&mut sconn)
+                .await
+            {
+                Ok(_) => break 'asked,
+                Err(e) => eprintln!("chaos: SENTINEL FAILOVER via {addr} refused: {e}"),
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "no Sentinel accepted SENTINEL FAILOVER"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stack
+        .wait_for_master_change(old_port, Duration::from_secs(30))
+        .await
+        .expect("manual failover");
+    let manual_promotion = t.elapsed().as_secs_f64();
+    eprintln!("chaos: SENTINEL FAILOVER promoted after {manual_promotion:.2}s");
+    let old = stack.node_index(old_port).expect("node");
+    let until = Instant::now() + Duration::from_secs(60);
+    while stack.wait_for_replica_link(old).await.is_err() {
+        assert!(
+            Instant::now() < until,
+            "old master never became a replica after the manual failover"
+        );
+    }
+    let (promoted, t) = kill_master(&mut stack).await;
+    eprintln!("chaos: master kill 3 promoted after {promoted:.2}s");
+    promotions.push(promoted);
+    kills.push(t);
+
+    // Kill the server holding the most leases, restart it on the same port.
+    let mut held: BTreeMap<u32, HashSet<String>> = BTreeMap::new();
+    for id in &ids {
+        if let Some(pid) = holder_pid(&stack, id).await {
+            held.entry(pid).or_default().insert(id.clone());
+        }
+    }
+    let victim = servers
+        .iter()
+        .position(|s| held.get(&s.pid()).is_some_and(|h| !h.is_empty()))
+        .unwrap_or(0);
+    let victim_auctions = held
+        .get(&servers[victim].pid())
+        .cloned()
+        .unwrap_or_else(|| ids.iter().cloned().collect());
+    let t_server_kill = Instant::now();
+    servers[victim].signal("KILL");
+    servers[victim]
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("killed");
+    let takeover_until = Instant::now() + Duration::from_secs(30);
+    let takeover = loop {
+        if let Some(at) = recorder.first_accept_after(t_server_kill, Some(&victim_auctions)) {
+            break at.duration_since(t_server_kill).as_secs_f64();
+        }
+        assert!(
+            Instant::now() < takeover_until,
+            "no bid accepted on the killed server's auctions within 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("chaos: server kill -> first accepted bid on its auctions after {takeover:.2}s");
+    servers.push(server(
+        &stack,
+        &format!("server-{victim}-restarted"),
+        ports[victim],
+        &server_env(victim),
+    ));
+    wait_health(ports[victim], "", "SERVING", Duration::from_secs(30)).await;
+
+    // Pause the holder of an auction's lease for longer than the lease.
+    let target = ids[0].clone();
+    let holder = holder_pid(&stack, &target).await;
+    let paused = servers
+        .iter()
+        .position(|s| Some(s.pid()) == holder)
+        .unwrap_or(0);
+    let paused_token = {
+        let mut conn = master_conn(&stack).await;
+        let v: Option<String> = redis::cmd("GET")
+            .arg(AuctionId::parse(&target).expect("id").lock_key())
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        v.and_then(|v| v.rsplit('#').next().and_then(|t| t.parse::<u64>().ok()))
+            .unwrap_or(0)
+    };
+    servers[paused].signal("STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await; // the fault itself: longer than LEASE
+    servers[paused].signal("CONT");
+    eprintln!("chaos: paused the holder of {target} (token {paused_token}) for 6s");
+
+    // --- Wind down: let every auction close, then every recorded bid resolve. ------------
+    let close_until = Instant::now() + Duration::from_secs(AUCTION_SECONDS as u64 + 60);
+    let mut finals = HashMap::new();
+    for id in &ids {
+        loop {
+            let mut conn = master_conn(&stack).await;
+            if let Ok(Some(rec)) = ledger::get(&mut conn, &AuctionId::parse(id).expect("id")).await
+                && !rec.open
+            {
+                finals.insert(id.clone(), rec);
+                break;
+            }
+            assert!(Instant::now() < close_until, "{id} never closed");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let resolve_until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let unresolved = sent
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|s| !recorder.outcome_of(&s.bid.bid_id))
+            .count();
+        if unresolved == 0 || Instant::now() > resolve_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop_tx.send(true);
+    // Our bidders saw their auction close (by event, or by resync from stored state after
+    // missing it) and exited cleanly.
+    let mut gaps = 0;
+    for c in clients.iter_mut() {
+        let code = c
+            .wait_exit(Duration::from_secs(60))
+            .await
+            .expect("client exits after its auction closed");
+        assert_eq!(code, 0, "{} exit code", c.name);
+        gaps += c.log().matches("missed events (seq gap)").count();
+    }
+
+    // --- The history checker ---------------------------------------------------------------
+    let events: Vec<Event> = recorder.snapshot().into_iter().map(|(_, e)| e).collect();
+    let mut conn = master_conn(&stack).await;
+    let mut lost = Vec::new();
+    let mut total_accepted = 0usize;
+    for id in &ids {
+        let aid = AuctionId::parse(id).expect("id");
+        let rec = &finals[id];
+        let history = ledger::history(&mut conn, &aid, "-", 1_000_000)
+            .await
+            .expect("history");
+        total_accepted += history.len();
+        let by_bid: HashMap<&str, &ledger::HistoryEntry> = history
+            .iter()
+            .map(|(_, h)| (h.bid_id.as_str(), h))
+            .collect();
+        assert_eq!(
+            by_bid.len(),
+            history.len(),
+            "{id}: a bid_id accepted twice in history"
+        );
+        let fences: Vec<u64> = history.iter().map(|(_, h)| h.fence).collect();
+        assert!(
+            fences.windows(2).all(|w| w[0] <= w[1]),
+            "{id}: fencing tokens went backwards in stored writes: {fences:?}"
+        );
+        let amounts: Vec<u64> = history.iter().map(|(_, h)| h.amount).collect();
+        assert!(
+            amounts.windows(2).all(|w| w[0] < w[1]),
+            "{id}: accepted amounts must strictly increase"
+        );
+        assert!(
+            history.iter().all(|(_, h)| h.at_ms < rec.deadline_ms),
+            "{id}: a bid was accepted at or after the deadline"
+        );
+        let best = history
+            .last()
+            .map(|(_, h)| (h.amount, h.bidder.clone(), h.bid_id.clone()));
+        assert_eq!(
+            rec.winner,
+            best.filter(|(a, _, _)| *a >= rec.reserve_price),
+            "{id}: the winner is the highest accepted bid"
+        );
+        let mut by_seq: HashMap<u64, String> = HashMap::new();
+        let mut closes = HashSet::new();
+        for e in of(&events, id) {
+            if let Some(seq) = e.seq() {
+                let json = e.to_json();
+                let first = by_seq.entry(seq).or_insert_with(|| json.clone());
+                assert_eq!(*first, json, "{id}: two different events carry seq {seq}");
+            }
+            match &e {
+                Event::BidAccepted {
+                    bid_id,
+                    amount,
+                    seq,
+                    ..
+                } => match by_bid.get(bid_id.as_str()) {
+                    Some(h) => assert_eq!(
+                        (h.amount, h.seq),
+                        (*amount, *seq),
+                        "{id}: announced {bid_id} differs from history"
+                    ),
+                    None => lost.push(bid_id.clone()),
+                },
+                Event::AuctionClosed { .. } => {
+                    closes.insert(e.to_json());
+                }
+                _ => {}
+            }
+        }
+        assert!(closes.len() <= 1, "{id}: closed more than once: {closes:?}");
+        if id == &target {
+            // Fences never go backwards (checked above), so once a newer holder wrote, the
+            // paused holder's token never wrote again.
+            let later = fences.iter().skip_while(|f| **f <= paused_token).count();
+            eprintln!(
+                "chaos: {id}: {later} accepted bids written with a newer token than the paused holder's {paused_token}"
+            );
+            assert!(
+                paused_token > 0 && later > 0,
+                "{id}: another server took over from the paused holder"
+            );
+        }
+    }
+    let sent = sent.lock().expect("lock");
+    let unconfirmed: Vec<&String> = sent.keys().filter(|b| !recorder.outcome_of(b)).collect();
+    let recorded_bids = sent.len();
+    for b in &unconfirmed {
+        let auction = sent[*b].bid.auction_id.to_string();
+        assert!(
+            !finals[&auction].open,
+            "unconfirmed bid {b} on an auction that did not close"
+        );
+    }
+    let mut first_accepts: Vec<f64> = kills
+        .iter()
+        .map(|t| {
+            recorder
+                .first_accept_after(*t + Duration::from_millis(100), None)
+                .map(|a| a.duration_since(*t).as_secs_f64())
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    let mut promo = promotions.clone();
+    let figures = serde_json::json!({
+        "master_kills": kills.len(),
+        "sentinel_promotion_s": {"each": promotions, "median": median(&mut promo), "max": promo.iter().cloned().fold(0.0, f64::max)},
+        "manual_failover_promotion_s": manual_promotion,
+        "kill_to_first_accepted_bid_s": {"each": first_accepts.clone(), "median": median(&mut first_accepts), "max": first_accepts.iter().cloned().fold(0.0, f64::max)},
+        "server_kill_to_first_accepted_bid_s": takeover,
+        "bids_lost": lost.len(),
+        "bids_unconfirmed": unconfirmed.len(),
+        "recording_bidders_bids_sent": recorded_bids,
+        "accepted_bids_in_history": total_accepted,
+        "events_seen": events.len(),
+        "seq_gaps_seen_and_resynced_by_clients": gaps,
+        "run_seconds": started.elapsed().as_secs_f64(),
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chaos");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(
+        dir.join("figures.json"),
+        serde_json::to_string_pretty(&figures).unwrap_or_default(),
+    );
+    eprintln!(
+        "chaos figures: {}",
+        serde_json::to_string_pretty(&figures).unwrap_or_default()
+    );
+    assert!(lost.is_empty(), "acknowledged bids lost: {lost:?}");
+}
