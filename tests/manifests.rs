@@ -335,13 +335,10 @@ async fn run_from_manifests(dir: &str) {
     let rendered = deploy::render(dir);
     let admin = rendered.secret("redis-users", "ADMIN_PASSWORD");
     let token = rendered.secret("auction-admin", "ADMIN_TOKEN");
-    let base_keep = tempfile::Builder::new()
+    let base = tempfile::Builder::new()
         .prefix("auction-manifests-")
         .tempdir()
         .expect("tempdir");
-    let base = base_keep.keep();
-    let base = tempfile::TempDir::new_in(&base).unwrap();
-    eprintln!("DEBUGDIR {}", base.path().display());
 
     // In-cluster names -> loopback ports. The names are the ones the manifests use: a name
     // the test does not know makes `Loopback::port` fail loudly.

@@ -301,11 +301,12 @@ impl Loopback {
         })
     }
 
-    /// Rewrites a value that names hosts: `host`, `host:port` or a comma-separated list of
-    /// `host:port`. Anything else is returned unchanged.
+    /// Rewrites a value that names hosts: a pod's DNS name (`pod.service`: a bare name like
+    /// `auction-server` could as well be a user name), `host:port` or a comma-separated list
+    /// of `host:port`. Anything else is returned unchanged.
     pub fn rewrite(&self, value: &str) -> String {
         let known = |h: &str| self.ports.contains_key(h);
-        if known(value) {
+        if known(value) && value.contains('.') {
             return "127.0.0.1".to_owned();
         }
         let parts: Vec<&str> = value.split(',').collect();
