@@ -427,16 +427,14 @@ async fn run_from_manifests(dir: &str) {
     }
 
     // The server and one bidder with exactly the manifests' environment; only addresses move
-    // to loopback (listeners on 127.0.0.1 instead of 0.0.0.0).
-    let server_env = |workload: &str,
-                      kind: &str,
-                      listen_key: &str,
-                      listen: u16|
-     -> (Vec<String>, Vec<(String, String)>, Value) {
+    // to loopback (listeners on 127.0.0.1 instead of 0.0.0.0). Each must pass the probes
+    // its manifest declares.
+    let spawn_pod = |kind: &str, workload: &str, listen_key: &str, listen: u16| {
         let w = rendered.get(kind, workload);
         let c = &w["spec"]["template"]["spec"]["containers"][0];
+        let pod = first_pod_name(w);
         let env: Vec<(String, String)> = rendered
-            .container_env(w, c, &first_pod_name(w))
+            .container_env(w, c, &pod)
             .into_iter()
             .map(|(k, v)| {
                 let v = if k == listen_key {
@@ -447,45 +445,34 @@ async fn run_from_manifests(dir: &str) {
                 (k, v)
             })
             .collect();
-        (strings(&c["command"]), env, c.clone())
+        assert_eq!(listen_port(&env, listen_key), listen);
+        let command = strings(&c["command"]);
+        let env_refs: Vec<(&str, String)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let process = Proc::spawn(
+            base.path(),
+            &pod,
+            local_binary(&command[0]).expect("our binary"),
+            &command[1..],
+            &env_refs,
+        );
+        let probe = |name: &str| c[name]["grpc"]["service"].as_str().unwrap_or("").to_owned();
+        (
+            process,
+            env,
+            probe("readinessProbe"),
+            probe("livenessProbe"),
+        )
     };
-    let (command, env, container) = server_env("auction-server", "Deployment", "GRPC_ADDR", grpc);
-    assert_eq!(listen_port(&env, "GRPC_ADDR"), grpc);
-    let env_refs: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    let _server = Proc::spawn(
-        base.path(),
-        "auction-server-0",
-        local_binary(&command[0]).expect("our binary"),
-        &command[1..],
-        &env_refs,
-    );
-    let readiness = container["readinessProbe"]["grpc"]["service"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned();
-    let liveness = container["livenessProbe"]["grpc"]["service"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned();
+    let (_server, _, readiness, liveness) =
+        spawn_pod("Deployment", "auction-server", "GRPC_ADDR", grpc);
     wait_health(grpc, &readiness, "SERVING", Duration::from_secs(30)).await;
     wait_health(grpc, &liveness, "SERVING", Duration::from_secs(5)).await;
-
-    let (command, env, container) =
-        server_env("auction-client", "StatefulSet", "HEALTH_ADDR", health);
+    let (_client, env, readiness, liveness) =
+        spawn_pod("StatefulSet", "auction-client", "HEALTH_ADDR", health);
     assert_eq!(env_value(&env, "BIDDER_NAME"), Some("auction-client-0"));
-    let env_refs: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    let _client = Proc::spawn(
-        base.path(),
-        "auction-client-0",
-        local_binary(&command[0]).expect("our binary"),
-        &command[1..],
-        &env_refs,
-    );
-    let readiness = container["readinessProbe"]["grpc"]["service"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned();
     wait_health(health, &readiness, "SERVING", Duration::from_secs(30)).await;
+    wait_health(health, &liveness, "SERVING", Duration::from_secs(5)).await;
 
     // An auction opened with the Secret's admin token closes with the bidder as winner.
     let auth = format!("authorization: Bearer {token}");
