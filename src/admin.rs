@@ -14,7 +14,7 @@ use futures_util::Stream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::hub::Hub;
 use crate::keyspace::AuctionId;
@@ -323,6 +323,65 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         &self,
         req: Request<pb::OpenAuctionRequest>,
     ) -> Result<Response<pb::OpenAuctionResponse>, Status> {
+        let span = rpc_span("OpenAuction", &req);
+        self.open_auction_impl(req).instrument(span).await
+    }
+
+    async fn close_auction(
+        &self,
+        req: Request<pb::CloseAuctionRequest>,
+    ) -> Result<Response<pb::CloseAuctionResponse>, Status> {
+        let span = rpc_span("CloseAuction", &req);
+        self.close_auction_impl(req).instrument(span).await
+    }
+
+    async fn get_auction(
+        &self,
+        req: Request<pb::GetAuctionRequest>,
+    ) -> Result<Response<pb::GetAuctionResponse>, Status> {
+        let span = rpc_span("GetAuction", &req);
+        self.get_auction_impl(req).instrument(span).await
+    }
+
+    async fn list_auctions(
+        &self,
+        req: Request<pb::ListAuctionsRequest>,
+    ) -> Result<Response<pb::ListAuctionsResponse>, Status> {
+        let span = rpc_span("ListAuctions", &req);
+        self.list_auctions_impl(req).instrument(span).await
+    }
+
+    async fn list_bids(
+        &self,
+        req: Request<pb::ListBidsRequest>,
+    ) -> Result<Response<pb::ListBidsResponse>, Status> {
+        let span = rpc_span("ListBids", &req);
+        self.list_bids_impl(req).instrument(span).await
+    }
+
+    type WatchAuctionStream = WatchStream;
+
+    async fn watch_auction(
+        &self,
+        req: Request<pb::WatchAuctionRequest>,
+    ) -> Result<Response<Self::WatchAuctionStream>, Status> {
+        let span = rpc_span("WatchAuction", &req);
+        self.watch_auction_impl(req).instrument(span).await
+    }
+}
+
+/// The span of one admin call, child of the caller's trace when it sent `traceparent`.
+fn rpc_span<T>(method: &'static str, req: &Request<T>) -> tracing::Span {
+    let span = info_span!("admin_rpc", method, otel.kind = "server");
+    crate::propagation::set_parent_from_metadata(&span, req.metadata());
+    span
+}
+
+impl AdminService {
+    async fn open_auction_impl(
+        &self,
+        req: Request<pb::OpenAuctionRequest>,
+    ) -> Result<Response<pb::OpenAuctionResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
         let spec = self.spec(&r)?;
@@ -339,7 +398,7 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         }))
     }
 
-    async fn close_auction(
+    async fn close_auction_impl(
         &self,
         req: Request<pb::CloseAuctionRequest>,
     ) -> Result<Response<pb::CloseAuctionResponse>, Status> {
@@ -388,7 +447,7 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         }))
     }
 
-    async fn get_auction(
+    async fn get_auction_impl(
         &self,
         req: Request<pb::GetAuctionRequest>,
     ) -> Result<Response<pb::GetAuctionResponse>, Status> {
@@ -399,7 +458,7 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         }))
     }
 
-    async fn list_auctions(
+    async fn list_auctions_impl(
         &self,
         req: Request<pb::ListAuctionsRequest>,
     ) -> Result<Response<pb::ListAuctionsResponse>, Status> {
@@ -463,7 +522,7 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         }))
     }
 
-    async fn list_bids(
+    async fn list_bids_impl(
         &self,
         req: Request<pb::ListBidsRequest>,
     ) -> Result<Response<pb::ListBidsResponse>, Status> {
@@ -504,12 +563,10 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         }))
     }
 
-    type WatchAuctionStream = WatchStream;
-
-    async fn watch_auction(
+    async fn watch_auction_impl(
         &self,
         req: Request<pb::WatchAuctionRequest>,
-    ) -> Result<Response<Self::WatchAuctionStream>, Status> {
+    ) -> Result<Response<WatchStream>, Status> {
         let id = parse_id(&req.get_ref().auction_id)?;
         // Listen before reading the snapshot, so no event falls between the two.
         let events = self.hub.subscribe();

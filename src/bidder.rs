@@ -9,16 +9,18 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backoff::{Backoff, jitter};
 use crate::config::{RedisArgs, parse_duration};
 use crate::keyspace::AuctionId;
+use crate::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::auction_admin_client::AuctionAdminClient;
 use crate::sentinel::{Master, Settings};
@@ -59,6 +61,9 @@ pub struct BidderArgs {
     /// Where this bidder serves its own grpc.health.v1 (for readiness probes).
     #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:50052")]
     pub health_addr: SocketAddr,
+    /// Where Prometheus metrics are served (`GET /metrics`); unset = no metrics endpoint.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl BidderArgs {
@@ -75,6 +80,7 @@ impl BidderArgs {
             close_grace: Duration::from_secs(30),
             server_addr: "127.0.0.1:50051".into(),
             health_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: None,
         }
     }
 
@@ -140,6 +146,8 @@ struct Pending {
     sent_at: Instant,
     backoff: Backoff,
     wait: Duration,
+    /// Open from publication until the outcome arrives: its duration is the bid's latency.
+    span: tracing::Span,
 }
 
 struct Tracked {
@@ -173,6 +181,11 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
             )
         })?;
     let health_addr = health_listener.local_addr()?;
+    let metrics = Arc::new(Metrics::new());
+    let _metrics_endpoint = match args.metrics_addr {
+        Some(addr) => Some(crate::metrics::serve(addr, metrics.clone()).await?),
+        None => None,
+    };
     let master = Master::start(Settings::from_args(&args.redis));
     let (tx, mut rx) = mpsc::channel(4096);
     let sub = Subscription::start(master.clone(), vec![args.redis.event_channel.clone()], tx);
@@ -184,7 +197,7 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
     let (reporter, health_service) = tonic_health::server::health_reporter();
     crate::health::not_serving(&reporter, &[]).await;
     let (ready, _ready_task) = crate::health::all_of(vec![sub.watch_live(), server_up.clone()]);
-    let _health_task = crate::health::report(reporter.clone(), &[], ready);
+    let _health_task = crate::health::report(reporter.clone(), &[], ready, Some(metrics.clone()));
     let _health_server = TaskGuard::new(
         "bidder health server",
         tokio::spawn(async move {
@@ -206,6 +219,7 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         closed: HashMap::new(),
         counter: 0,
         server_was_up: false,
+        metrics,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(shutdown);
@@ -225,7 +239,12 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
                     }
                 },
             },
-            _ = tick.tick() => bidder.on_tick(*server_up.borrow()).await?,
+            _ = tick.tick() => {
+                // Copy the value out first: a watch borrow held across the await would
+                // block the health watcher's send (and with it a runtime thread).
+                let server_is_up = *server_up.borrow();
+                bidder.on_tick(server_is_up).await?
+            }
         };
         if flow == Flow::Stop {
             break;
@@ -256,6 +275,7 @@ struct Bidder<'a> {
     closed: HashMap<String, ()>,
     counter: u64,
     server_was_up: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl Bidder<'_> {
@@ -299,7 +319,7 @@ impl Bidder<'_> {
         if let Some(t) = self.tracked.as_mut()
             && event.auction_id() == Some(t.id.as_str())
         {
-            observe(t, event, &mut self.summary);
+            observe(t, event, &mut self.summary, &self.metrics);
         }
         Flow::Continue
     }
@@ -368,8 +388,11 @@ impl Bidder<'_> {
                 p.sent_at = now;
                 p.wait = args.retry_after + p.backoff.next_delay();
                 self.summary.retries += 1;
-                debug!(bid_id = %p.bid.bid_id, "no outcome yet; publishing the same bid again");
-                publish(&self.master, &args.redis.command_channel, &p.bid).await;
+                self.metrics.bids_retried.inc();
+                debug!(parent: &p.span, bid_id = %p.bid.bid_id, "no outcome yet; publishing the same bid again");
+                publish(&self.master, &args.redis.command_channel, &p.bid)
+                    .instrument(p.span.clone())
+                    .await;
             }
             return Ok(Flow::Continue);
         }
@@ -391,26 +414,33 @@ impl Bidder<'_> {
         }
         self.counter += 1;
         let amount = (t.next_min + fastrand::u64(0..=t.step.saturating_mul(2))).min(args.max_bid);
+        let bid_id = format!(
+            "{}-{}-{:06x}",
+            self.me,
+            self.counter,
+            fastrand::u32(..0x100_0000)
+        );
+        let span =
+            info_span!("bid", bid_id = %bid_id, auction_id = %t.id, amount, bidder = %self.me);
         let bid = Bid {
             auction_id: t.id.clone(),
-            bid_id: format!(
-                "{}-{}-{:06x}",
-                self.me,
-                self.counter,
-                fastrand::u32(..0x100_0000)
-            ),
+            bid_id,
             bidder: self.me.clone(),
             amount,
-            traceparent: None,
+            traceparent: crate::propagation::traceparent(&span),
         };
-        info!(auction = %t.id, bid_id = %bid.bid_id, amount, "bidding");
+        info!(parent: &span, auction = %t.id, bid_id = %bid.bid_id, amount, "bidding");
         self.summary.sent += 1;
-        publish(&self.master, &args.redis.command_channel, &bid).await;
+        self.metrics.bids_sent.inc();
+        publish(&self.master, &args.redis.command_channel, &bid)
+            .instrument(span.clone())
+            .await;
         t.pending = Some(Pending {
             bid,
             sent_at: now,
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(3)),
             wait: args.retry_after,
+            span,
         });
         Ok(Flow::Continue)
     }
@@ -430,9 +460,14 @@ impl Bidder<'_> {
         }
         t.resync_due = false;
         t.last_resync = Some(Instant::now());
-        let request = pb::GetAuctionRequest {
+        let span = info_span!("resync", auction_id = %t.id);
+        let mut request = tonic::Request::new(pb::GetAuctionRequest {
             auction_id: t.id.to_string(),
-        };
+        });
+        {
+            let _entered = span.enter();
+            crate::propagation::inject_into(&mut request);
+        }
         let reply =
             tokio::time::timeout(Duration::from_secs(2), self.admin.get_auction(request)).await;
         let auction = match reply {
@@ -514,12 +549,11 @@ fn adopt(
 }
 
 /// Updates the tracked auction from one of its events.
-fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary) {
-    match event {
+fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary, metrics: &Metrics) {
+    let (bid_id, outcome) = match event {
         Event::BidAccepted {
             bid_id,
             bidder,
-            amount,
             next_min,
             ..
         } => {
@@ -527,11 +561,7 @@ fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary) {
                 t.next_min = *next_min;
                 t.high_bidder = Some(bidder.clone());
             }
-            if t.pending.as_ref().is_some_and(|p| p.bid.bid_id == *bid_id) {
-                t.pending = None;
-                summary.accepted += 1;
-                info!(bid_id, amount, "my bid was accepted");
-            }
+            (bid_id, "accepted")
         }
         Event::BidRejected {
             bid_id,
@@ -544,13 +574,24 @@ fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary) {
             {
                 t.next_min = *n;
             }
-            if t.pending.as_ref().is_some_and(|p| p.bid.bid_id == *bid_id) {
-                t.pending = None;
-                summary.rejected += 1;
-                info!(bid_id, reason = reason.as_str(), "my bid was rejected");
-            }
+            (bid_id, reason.as_str())
         }
-        _ => {}
+        _ => return,
+    };
+    if t.pending.as_ref().is_none_or(|p| p.bid.bid_id != *bid_id) {
+        return;
+    }
+    let Some(p) = t.pending.take() else { return };
+    let outcome_span = info_span!(parent: &p.span, "bid.outcome", bid_id = %bid_id, outcome);
+    let _entered = outcome_span.enter();
+    if outcome == "accepted" {
+        summary.accepted += 1;
+        metrics.bids_accepted.inc();
+        info!(bid_id, amount = p.bid.amount, "my bid was accepted");
+    } else {
+        summary.rejected += 1;
+        metrics.rejected(outcome);
+        info!(bid_id, reason = outcome, "my bid was rejected");
     }
 }
 

@@ -32,11 +32,16 @@ pub async fn redis_now_ms(conn: &mut MultiplexedConnection) -> redis::RedisResul
 }
 
 /// Runs until `shutdown` resolves.
-pub async fn run(master: Master, router: Router, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    master: Master,
+    router: Router,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut requested: HashMap<AuctionId, Instant> = HashMap::new();
     loop {
-        let sleep = match tick(&master, &router, &mut requested).await {
+        let sleep = match tick(&master, &router, &metrics, &mut requested).await {
             Ok(next) => next,
             Err(e) => {
                 debug!(error = %e, "closer tick failed; retrying");
@@ -53,6 +58,7 @@ pub async fn run(master: Master, router: Router, shutdown: impl std::future::Fut
 async fn tick(
     master: &Master,
     router: &Router,
+    metrics: &crate::metrics::Metrics,
     requested: &mut HashMap<AuctionId, Instant>,
 ) -> Result<Duration, String> {
     let link = master.link(MAX_TICK).await.map_err(|e| e.to_string())?;
@@ -89,6 +95,12 @@ async fn tick(
     if due.len() >= BATCH {
         return Ok(Duration::ZERO);
     }
+    let open: i64 = redis::cmd("ZCARD")
+        .arg(keyspace::OPEN_AUCTIONS)
+        .query_async(&mut conn)
+        .await
+        .map_err(fail)?;
+    metrics.open_auctions.set(open);
     let next: Vec<(String, f64)> = redis::cmd("ZRANGE")
         .arg(keyspace::OPEN_AUCTIONS)
         .arg(format!("({now}"))

@@ -12,6 +12,9 @@ use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::sentinel::Master;
 use crate::task::TaskGuard;
 
@@ -23,13 +26,21 @@ pub const ADMIN_SERVICE: &str = "auction.v1.AuctionAdmin";
 /// A readiness condition as a watch of `bool`.
 pub type Condition = watch::Receiver<bool>;
 
-/// True while the master handle has a live link.
-pub fn master_up(master: &Master) -> (Condition, TaskGuard) {
+/// True while the master handle has a live link. Counts master changes in `metrics`.
+pub fn master_up(master: &Master, metrics: Option<Arc<Metrics>>) -> (Condition, TaskGuard) {
     let mut links = master.watch();
     let (tx, rx) = watch::channel(links.borrow().is_some());
     let task = tokio::spawn(async move {
+        let mut last_generation = links.borrow().as_ref().map(|l| l.generation);
         while links.changed().await.is_ok() {
-            let up = links.borrow().is_some();
+            let generation = links.borrow().as_ref().map(|l| l.generation);
+            if let (Some(g), Some(m)) = (generation, &metrics) {
+                if last_generation.is_some_and(|last| g > last) {
+                    m.master_changes.inc();
+                }
+                last_generation = Some(g);
+            }
+            let up = generation.is_some();
             tx.send_if_modified(|v| std::mem::replace(v, up) != up);
         }
     });
@@ -59,11 +70,13 @@ pub fn all_of(mut inputs: Vec<Condition>) -> (Condition, TaskGuard) {
     (rx, TaskGuard::new("health: readiness", task))
 }
 
-/// Keeps `services` (and `""`) in step with `ready`; sets `liveness` SERVING.
+/// Keeps `services` (and `""`) in step with `ready`; sets `liveness` SERVING; mirrors the
+/// state in the `serving` gauge.
 pub fn report(
     reporter: HealthReporter,
     services: &'static [&'static str],
     mut ready: Condition,
+    metrics: Option<Arc<Metrics>>,
 ) -> TaskGuard {
     let task = tokio::spawn(async move {
         reporter
@@ -77,6 +90,9 @@ pub fn report(
             };
             for s in std::iter::once(&"").chain(services) {
                 reporter.set_service_status(*s, status).await;
+            }
+            if let Some(m) = &metrics {
+                m.serving.set(i64::from(status == ServingStatus::Serving));
             }
             tracing::info!(?status, "readiness");
             if ready.changed().await.is_err() {

@@ -202,6 +202,7 @@ fn decode_outcome(id: &AuctionId, bid: &Bid, line: &str) -> Option<Judged> {
                 reason,
                 detail: None,
                 next_min: None,
+                traceparent: None,
             },
             fresh: true,
         });
@@ -226,6 +227,7 @@ fn decode_outcome(id: &AuctionId, bid: &Bid, line: &str) -> Option<Judged> {
             bidder: bidder.to_owned(),
             amount,
             next_min,
+            traceparent: None,
         },
         "rejected" => Event::BidRejected {
             auction_id: Some(id.to_string()),
@@ -236,6 +238,7 @@ fn decode_outcome(id: &AuctionId, bid: &Bid, line: &str) -> Option<Judged> {
             reason: RejectReason::from_name(reason)?,
             detail: None,
             next_min: Some(next_min),
+            traceparent: None,
         },
         _ => return None,
     };

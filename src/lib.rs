@@ -29,6 +29,7 @@ pub mod keyspace;
 pub mod ledger;
 pub mod lock;
 pub mod metrics;
+pub mod propagation;
 pub mod proto;
 pub mod replication;
 pub mod router;

@@ -22,7 +22,7 @@ use crate::config::{RedisArgs, parse_duration};
 use crate::hub::Hub;
 use crate::keyspace::{AuctionId, truncate};
 use crate::ledger::AuctionSpec;
-use crate::metrics::{Counters, inc};
+use crate::metrics::{Metrics, inc};
 use crate::replication::Replication;
 use crate::router::Router;
 use crate::sentinel::{Master, Settings};
@@ -73,6 +73,9 @@ pub struct ServerArgs {
     /// Bearer token required by mutating admin calls (unset = no auth; set it in production).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Where Prometheus metrics are served (`GET /metrics`); unset = no metrics endpoint.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Server-to-server channel (forwarded admin closes); only servers may publish on it.
     #[arg(long, env = "CONTROL_CHANNEL", default_value = DEFAULT_CONTROL_CHANNEL, value_parser = crate::config::parse_channel)]
     pub control_channel: String,
@@ -99,6 +102,7 @@ impl ServerArgs {
             shutdown_grace: Duration::from_secs(10),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_token: None,
+            metrics_addr: None,
             control_channel: DEFAULT_CONTROL_CHANNEL.into(),
         }
     }
@@ -156,7 +160,11 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
             )
         })?;
     let grpc_addr = listener.local_addr()?;
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Metrics::new());
+    let _metrics_endpoint = match args.metrics_addr {
+        Some(addr) => Some(crate::metrics::serve(addr, counters.clone()).await?),
+        None => None,
+    };
     let master = Master::start(Settings::from_args(&args.redis));
     let replication = Replication::start(master.clone(), args.wait_replicas, args.wait_timeout);
     let host = crate::host_name();
@@ -190,9 +198,10 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     crate::health::not_serving(&reporter, SERVICES).await;
-    let (master_up, _master_up_task) = crate::health::master_up(&master);
+    let (master_up, _master_up_task) = crate::health::master_up(&master, Some(counters.clone()));
     let (ready, _ready_task) = crate::health::all_of(vec![master_up, subscription.watch_live()]);
-    let health_task = crate::health::report(reporter.clone(), SERVICES, ready);
+    let health_task =
+        crate::health::report(reporter.clone(), SERVICES, ready, Some(counters.clone()));
 
     let admin = AdminService {
         router: router.clone(),
@@ -226,9 +235,14 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     let (stop_closer_tx, stop_closer_rx) = tokio::sync::oneshot::channel::<()>();
     let closer = TaskGuard::new(
         "closer",
-        tokio::spawn(crate::closer::run(master.clone(), router.clone(), async {
-            let _ = stop_closer_rx.await;
-        })),
+        tokio::spawn(crate::closer::run(
+            master.clone(),
+            router.clone(),
+            counters.clone(),
+            async {
+                let _ = stop_closer_rx.await;
+            },
+        )),
     );
     let (reject_tx, reject_rx) = mpsc::channel(1024);
     let _rejecter = TaskGuard::new(
@@ -286,14 +300,14 @@ const SERVICES: &[&str] = &[crate::health::ADMIN_SERVICE];
 async fn intake(
     payload: &[u8],
     router: &Router,
-    counters: &Counters,
+    counters: &Metrics,
     reject_tx: &mpsc::Sender<Event>,
 ) {
     inc(&counters.messages_received);
     match wire::decode_command(payload) {
         Ok(bid) => router.bid(bid).await,
         Err(bad) => {
-            inc(&counters.messages_malformed);
+            counters.malformed(bad.error.reason());
             warn!(
                 reason = bad.error.reason(),
                 error = %bad.error,

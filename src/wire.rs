@@ -356,6 +356,9 @@ pub enum Event {
         amount: u64,
         /// The lowest amount the next bid may offer.
         next_min: u64,
+        /// W3C trace context of the server's judging span, when the bid was traced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// A bid was refused.
     BidRejected {
@@ -381,6 +384,9 @@ pub enum Event {
         /// The lowest amount a new bid may offer, when the auction is open.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next_min: Option<u64>,
+        /// W3C trace context of the server's judging span, when the bid was traced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// The auction closed, exactly once.
     AuctionClosed {
@@ -429,6 +435,25 @@ impl Event {
         }
     }
 
+    /// Sets the trace context on a bid outcome (other events carry none).
+    pub fn set_traceparent(&mut self, tp: Option<String>) {
+        if let Event::BidAccepted { traceparent, .. } | Event::BidRejected { traceparent, .. } =
+            self
+        {
+            *traceparent = tp;
+        }
+    }
+
+    /// The trace context of a bid outcome, if any.
+    pub fn traceparent(&self) -> Option<&str> {
+        match self {
+            Event::BidAccepted { traceparent, .. } | Event::BidRejected { traceparent, .. } => {
+                traceparent.as_deref()
+            }
+            _ => None,
+        }
+    }
+
     /// The bid this event answers, if any.
     pub fn bid_id(&self) -> Option<&str> {
         match self {
@@ -471,6 +496,7 @@ impl Event {
             reason: RejectReason::Malformed,
             detail: Some(m.error.to_string()),
             next_min: None,
+            traceparent: None,
         })
     }
 }
@@ -598,6 +624,7 @@ mod tests {
             reason: RejectReason::TooLow,
             detail: None,
             next_min: Some(10),
+            traceparent: None,
         };
         let json = ev.to_json();
         assert!(

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::keyspace::AuctionId;
 use crate::ledger::{self, AuctionSpec, CloseMode, Closed, LedgerError};
 use crate::lock::{self, Acquire, Lease};
-use crate::metrics::{Counters, add, inc};
+use crate::metrics::{Metrics, add, inc};
 use crate::replication::Replication;
 use crate::sentinel::Master;
 use crate::wire::{Bid, Event};
@@ -60,7 +61,7 @@ pub struct WorkerContext {
     /// Tunables.
     pub settings: WorkerSettings,
     /// Counters.
-    pub counters: Arc<Counters>,
+    pub counters: Arc<Metrics>,
 }
 
 /// Why an admin operation did not happen.
@@ -397,28 +398,70 @@ impl Worker<'_> {
     }
 
     async fn judge(&mut self, bids: &[Bid]) -> Result<(), Stop> {
+        let started = Instant::now();
         let n = bids.len() as u64;
+        let token = self.lease.as_ref().map(Lease::token).unwrap_or(0);
+        let batch = info_span!("judge_batch", auction = %bids[0].auction_id, bids = n, token);
+        // One span per traced bid, child of the bidder's span, so a bid is one trace. Bids
+        // without a traceparent (tracing off at the bidder) cost nothing here.
+        let spans: Vec<Option<Span>> = bids
+            .iter()
+            .map(|b| {
+                b.traceparent.as_deref().map(|tp| {
+                    let span = info_span!(parent: &batch, "bid.judge", bid_id = %b.bid_id, auction_id = %b.auction_id, amount = b.amount, token, outcome = Empty, seq = Empty);
+                    crate::propagation::set_parent(&span, tp);
+                    span
+                })
+            })
+            .collect();
         let bids = Arc::new(bids.to_vec());
         let (judged, generation) = self
             .fenced("place bids", |mut conn, lease| {
                 let bids = bids.clone();
                 async move { ledger::place_bids(&mut conn, &lease, &bids).await }
             })
+            .instrument(batch.clone())
             .await?;
         let c = &self.ctx.counters;
-        for j in &judged {
-            match (&j.event, j.fresh) {
-                (_, false) => inc(&c.bids_duplicate),
-                (Event::BidAccepted { .. }, true) => inc(&c.bids_accepted),
-                (Event::BidRejected { seq: Some(_), .. }, true) => inc(&c.bids_rejected),
-                _ => inc(&c.bids_refused),
+        let mut events = Vec::with_capacity(judged.len());
+        for (j, span) in judged.into_iter().zip(&spans) {
+            let outcome = match (&j.event, j.fresh) {
+                (_, false) => {
+                    inc(&c.bids_duplicate);
+                    "duplicate"
+                }
+                (Event::BidAccepted { .. }, true) => {
+                    inc(&c.bids_accepted);
+                    "accepted"
+                }
+                (Event::BidRejected { reason, .. }, true) => {
+                    c.rejected(reason.as_str());
+                    reason.as_str()
+                }
+                _ => "other",
+            };
+            let mut event = j.event;
+            if let Some(span) = span {
+                span.record("outcome", outcome);
+                if let Some(seq) = event.seq() {
+                    span.record("seq", seq);
+                }
+                event.set_traceparent(crate::propagation::traceparent(span));
             }
+            events.push(event);
         }
-        let events: Vec<Event> = judged.into_iter().map(|j| j.event).collect();
-        if let Err(e) = self.durable_then_publish(generation, &events).await {
+        let published = self
+            .durable_then_publish(generation, &events)
+            .instrument(info_span!(parent: &batch, "wait_and_publish", events = events.len()))
+            .await;
+        if let Err(e) = published {
             add(&self.ctx.counters.bids_deferred, n);
             warn!(error = %e, bids = n, "outcomes stored but not announced; bidders' retries will announce them");
         }
+        self.ctx
+            .counters
+            .processing_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -518,7 +561,7 @@ impl Worker<'_> {
     async fn unknown(&mut self, work: Work) {
         match work {
             Work::Bid(bid) => {
-                inc(&self.ctx.counters.bids_refused);
+                self.ctx.counters.rejected("unknown_auction");
                 let event = Event::BidRejected {
                     auction_id: Some(bid.auction_id.to_string()),
                     seq: None,
@@ -528,6 +571,7 @@ impl Worker<'_> {
                     reason: crate::wire::RejectReason::UnknownAuction,
                     detail: None,
                     next_min: None,
+                    traceparent: None,
                 };
                 if let Err(e) = publish(
                     &self.ctx.master,
@@ -579,7 +623,7 @@ pub async fn publish(
     master: &Master,
     channel: &str,
     events: &[Event],
-    counters: &Counters,
+    counters: &Metrics,
 ) -> Result<(), String> {
     if events.is_empty() {
         return Ok(());
