@@ -417,21 +417,42 @@ pub fn try_connect_as(
     Ok(conn)
 }
 
-/// `ACL LOG` of the process on `port`, read as `admin`: one line per denied command.
+/// `ACL LOG` of the process on `port`, read as `admin`: one line per refusal, like
+/// `username=auction-server reason=command object=zcard context=toplevel count=25`.
 pub fn acl_denials(port: u16, admin_password: &str) -> Vec<String> {
+    fn text(v: &redis::Value) -> String {
+        match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            redis::Value::SimpleString(s) => s.clone(),
+            redis::Value::Int(i) => i.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
     let mut conn = connect_as(port, Some(("admin", admin_password)));
-    let entries: Vec<Value> = redis::cmd("ACL")
+    let entries: Vec<Vec<redis::Value>> = redis::cmd("ACL")
         .arg("LOG")
-        .query::<redis::Value>(&mut conn)
-        .map(|v| match v {
-            redis::Value::Array(items) => items
-                .into_iter()
-                .map(|i| Value::String(format!("{i:?}")))
-                .collect(),
-            other => vec![Value::String(format!("{other:?}"))],
-        })
+        .query(&mut conn)
         .expect("ACL LOG");
-    entries.into_iter().map(|e| e.to_string()).collect()
+    entries
+        .iter()
+        .map(|entry| {
+            entry
+                .chunks(2)
+                .filter(|kv| {
+                    let key = text(&kv[0]);
+                    ["username", "reason", "object", "context", "count"].contains(&key.as_str())
+                })
+                .map(|kv| {
+                    format!(
+                        "{}={}",
+                        text(&kv[0]),
+                        kv.get(1).map(text).unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
 }
 
 /// Polls `probe` every 100 ms until it returns `Some`, for at most `limit`.
