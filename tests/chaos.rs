@@ -205,6 +205,56 @@ async fn kill_master(stack: &mut DevStack) -> (f64, Instant) {
     (promoted, t)
 }
 
+/// Waits until every Sentinel lists every replica as an up, linked replica that has
+/// reported that role for at least 3 s.
+async fn wait_sentinels_settled(stack: &DevStack) {
+    let until = Instant::now() + Duration::from_secs(60);
+    let want = stack.redis_ports().len() - 1;
+    loop {
+        let mut settled = true;
+        for addr in stack.sentinel_addrs() {
+            let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                settled = false;
+                continue;
+            };
+            let replicas: Vec<Vec<String>> = redis::cmd("SENTINEL")
+                .arg("replicas")
+                .arg("mymaster")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            let healthy = replicas
+                .iter()
+                .filter(|fields| {
+                    let get = |k: &str| {
+                        fields
+                            .chunks(2)
+                            .find(|kv| kv[0] == k)
+                            .and_then(|kv| kv.get(1))
+                            .cloned()
+                            .unwrap_or_default()
+                    };
+                    !get("flags").contains("down")
+                        && !get("flags").contains("disconnected")
+                        && get("role-reported") == "slave"
+                        && get("master-link-status") == "ok"
+                        && get("role-reported-time").parse::<u64>().unwrap_or(0) >= 3000
+                })
+                .count();
+            settled &= healthy >= want;
+        }
+        if settled {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "Sentinels never agreed on {want} healthy replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// The server process whose lock owner id holds `auction`'s lease (owner ids embed the pid).
 async fn holder_pid(stack: &DevStack, auction: &str) -> Option<u32> {
     let mut conn = master_conn(stack).await;
@@ -330,6 +380,11 @@ async fn run() {
     }
     // A manual failover while bids flow: the old master stays up.
     let old_port = stack.current_master_port().await.expect("master");
+    // Sentinels must agree that every replica has been a healthy replica for a while:
+    // right after a rejoin, a Sentinel that still remembers the node as a returning master
+    // would demote it again the moment another Sentinel promotes it (a Sentinel race, not
+    // ours to test).
+    wait_sentinels_settled(&stack).await;
     // A Sentinel refuses while it still counts a previous failover (2 x failover-timeout)
     // or while no replica is fit; ask each in turn until one accepts (bounded).
     let t = Instant::now();
@@ -376,20 +431,28 @@ async fn run() {
     kills.push(t);
 
     // Kill the server holding the most leases, restart it on the same port.
+    let live: Vec<u32> = servers.iter().map(Proc::pid).collect();
     let mut held: BTreeMap<u32, HashSet<String>> = BTreeMap::new();
     for id in &ids {
         if let Some(pid) = holder_pid(&stack, id).await {
             held.entry(pid).or_default().insert(id.clone());
         }
     }
+    eprintln!("chaos: leases by server pid {held:?} (servers {live:?})");
     let victim = servers
         .iter()
-        .position(|s| held.get(&s.pid()).is_some_and(|h| !h.is_empty()))
-        .unwrap_or(0);
+        .enumerate()
+        .max_by_key(|(_, s)| held.get(&s.pid()).map_or(0, HashSet::len))
+        .map(|(i, _)| i)
+        .expect("two servers");
     let victim_auctions = held
         .get(&servers[victim].pid())
         .cloned()
-        .unwrap_or_else(|| ids.iter().cloned().collect());
+        .unwrap_or_default();
+    assert!(
+        !victim_auctions.is_empty(),
+        "no server holds a lease while bids flow: {held:?}"
+    );
     let t_server_kill = Instant::now();
     servers[victim].signal("KILL");
     servers[victim]
@@ -416,13 +479,24 @@ async fn run() {
     ));
     wait_health(ports[victim], "", "SERVING", Duration::from_secs(30)).await;
 
-    // Pause the holder of an auction's lease for longer than the lease.
+    // Pause the holder of an auction's lease for longer than the lease. Wait until a live
+    // server holds it (the killed server's lease may not have expired yet).
     let target = ids[0].clone();
-    let holder = holder_pid(&stack, &target).await;
-    let paused = servers
-        .iter()
-        .position(|s| Some(s.pid()) == holder)
-        .unwrap_or(0);
+    let until = Instant::now() + Duration::from_secs(30);
+    let paused = loop {
+        let holder = holder_pid(&stack, &target).await;
+        if let Some(i) = servers
+            .iter_mut()
+            .position(|s| Some(s.pid()) == holder && s.running())
+        {
+            break i;
+        }
+        assert!(
+            Instant::now() < until,
+            "no live server took the lease of {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let paused_token = {
         let mut conn = master_conn(&stack).await;
         let v: Option<String> = redis::cmd("GET")
