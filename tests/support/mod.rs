@@ -52,17 +52,22 @@ pub fn client(stack: &DevStack, name: &str, server_port: u16, env: &[(&str, Stri
     Proc::spawn(stack.dir(), name, CLIENT, &[], &all)
 }
 
-/// A multiplexed connection to the current master.
-pub async fn master_conn(stack: &DevStack) -> redis::aio::MultiplexedConnection {
-    let port = stack.current_master_port().await.expect("master port");
-    let client = redis::Client::open(
+/// A client for the Redis node on a loopback `port` (Redis 7.0 does not know the
+/// CLIENT SETINFO that redis-rs sends by default).
+pub fn loopback_client(port: u16) -> redis::Client {
+    redis::Client::open(
         redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)
             .into_connection_info()
             .expect("info")
             .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
     )
-    .expect("client");
-    client
+    .expect("client")
+}
+
+/// A multiplexed connection to the current master.
+pub async fn master_conn(stack: &DevStack) -> redis::aio::MultiplexedConnection {
+    let port = stack.current_master_port().await.expect("master port");
+    loopback_client(port)
         .get_multiplexed_async_connection_with_config(
             &redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -78,7 +83,6 @@ use redis::IntoConnectionInfo;
 #[derive(Clone)]
 pub struct Tap {
     events: Arc<Mutex<Vec<Event>>>,
-    raw: Arc<Mutex<Vec<String>>>,
     notify: Arc<Notify>,
     _task: Arc<auction::task::TaskGuard>,
 }
@@ -86,29 +90,21 @@ pub struct Tap {
 impl Tap {
     pub async fn start(stack: &DevStack) -> Tap {
         let port = stack.current_master_port().await.expect("master port");
-        let client = redis::Client::open(
-            redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)
-                .into_connection_info()
-                .expect("info")
-                .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
-        )
-        .expect("client");
-        let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+        let mut pubsub = loopback_client(port)
+            .get_async_pubsub()
+            .await
+            .expect("pubsub");
         pubsub
             .subscribe(auction::config::DEFAULT_EVENT_CHANNEL)
             .await
             .expect("subscribe");
         let events = Arc::new(Mutex::new(Vec::new()));
-        let raw = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
-        let (e, r, n) = (events.clone(), raw.clone(), notify.clone());
+        let (e, n) = (events.clone(), notify.clone());
         let task = tokio::spawn(async move {
             let mut stream = pubsub.into_on_message();
             while let Some(msg) = stream.next().await {
                 let payload = msg.get_payload_bytes();
-                r.lock()
-                    .expect("lock")
-                    .push(String::from_utf8_lossy(payload).into_owned());
                 match Event::from_json(payload) {
                     Ok(ev) => e.lock().expect("lock").push(ev),
                     Err(err) => eprintln!("tap: undecodable event: {err}"),
@@ -118,7 +114,6 @@ impl Tap {
         });
         Tap {
             events,
-            raw,
             notify,
             _task: Arc::new(auction::task::TaskGuard::new("tap", task)),
         }
