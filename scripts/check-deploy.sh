@@ -17,7 +17,7 @@ out="target/deploy-rendered"
 rm -rf "$out"
 mkdir -p "$out"
 
-dirs=(deploy/base)
+dirs=(deploy deploy/base)
 for overlay in deploy/overlays/*/; do
   dirs+=("${overlay%/}")
 done

@@ -108,9 +108,9 @@ pub fn render(dir: &str) -> Rendered {
     }
 }
 
-/// Every kustomization: the base and each overlay.
+/// Every kustomization: `deploy/` itself, the base and each overlay.
 pub fn all_kustomizations() -> Vec<String> {
-    let mut dirs = vec!["base".to_owned()];
+    let mut dirs = vec![".".to_owned(), "base".to_owned()];
     let mut overlays: Vec<String> = std::fs::read_dir(format!("{DEPLOY}/overlays"))
         .expect("deploy/overlays")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
