@@ -16,27 +16,13 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if cli.check_config {
-        return match cli.bidder.validate() {
-            Ok(()) => {
-                println!("auction-client: configuration OK");
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("auction-client: {e:#}");
-                std::process::ExitCode::from(2)
-            }
-        };
-    }
-    let _telemetry = match auction::telemetry::init("auction-client") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("auction-client: {e:#}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    match auction::bidder::run(cli.bidder, auction::telemetry::shutdown_signal()).await {
-        Ok(summary) => {
+    let args = cli.bidder.clone();
+    auction::telemetry::main_of(
+        "auction-client",
+        cli.check_config,
+        || cli.bidder.validate(),
+        |shutdown| async move {
+            let summary = auction::bidder::run(args, shutdown).await?;
             for (auction, winner, amount) in &summary.closed {
                 println!(
                     "auction {auction} closed: winner {} amount {}",
@@ -44,12 +30,8 @@ async fn main() -> std::process::ExitCode {
                     amount.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
                 );
             }
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("auction-client: {e:#}");
-            eprintln!("auction-client: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+            Ok(())
+        },
+    )
+    .await
 }

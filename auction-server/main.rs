@@ -17,31 +17,12 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if cli.check_config {
-        return match cli.server.validate() {
-            Ok(()) => {
-                println!("auction-server: configuration OK");
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("auction-server: {e:#}");
-                std::process::ExitCode::from(2)
-            }
-        };
-    }
-    let _telemetry = match auction::telemetry::init("auction-server") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("auction-server: {e:#}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    match auction::server::run(cli.server, auction::telemetry::shutdown_signal()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("auction-server: {e:#}");
-            eprintln!("auction-server: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    let args = cli.server.clone();
+    auction::telemetry::main_of(
+        "auction-server",
+        cli.check_config,
+        || cli.server.validate(),
+        |shutdown| auction::server::run(args, shutdown),
+    )
+    .await
 }

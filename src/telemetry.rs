@@ -104,3 +104,41 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// The body both binaries' `main` share: with `check_only`, validate and exit; otherwise
+/// install telemetry, run until SIGTERM/Ctrl-C, and turn the outcome into an exit code
+/// (0 ok, 2 with a one-line reason on stderr).
+pub async fn main_of<F, Fut>(
+    name: &'static str,
+    check_only: bool,
+    validate: impl FnOnce() -> anyhow::Result<()>,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use std::process::ExitCode;
+    let fail = |e: anyhow::Error| {
+        tracing::error!("{name}: {e:#}");
+        eprintln!("{name}: {e:#}");
+        ExitCode::from(2)
+    };
+    if check_only {
+        return match validate() {
+            Ok(()) => {
+                println!("{name}: configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
+    let _telemetry = match init(name) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    match run(Box::pin(shutdown_signal())).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
