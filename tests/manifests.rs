@@ -439,6 +439,9 @@ async fn run_from_manifests(dir: &str) {
             .map(|(k, v)| {
                 let v = if k == listen_key {
                     format!("127.0.0.1:{listen}")
+                } else if k == "METRICS_ADDR" {
+                    // Both pods serve metrics on the same port; here they share one host.
+                    "127.0.0.1:0".to_owned()
                 } else {
                     net.rewrite(&v)
                 };
