@@ -402,7 +402,7 @@ async fn supervise(
             Err(e) => {
                 // Log the first failure and then every tenth, so an outage is visible but
                 // does not flood the log at the retry rate.
-                if backoff.attempts() % 10 == 0 {
+                if backoff.attempts().is_multiple_of(10) {
                     warn!(error = %e, attempt = backoff.attempts() + 1, "cannot reach the Redis master; retrying");
                 }
                 // A +switch-master ends the wait at once: the promoted replica is ready.
