@@ -271,7 +271,16 @@ async fn take_lease(
     )
     .await
     {
-        Ok(Acquire::Acquired(lease)) => Ok(Some(lease)),
+        Ok(Acquire::Acquired(lease)) => {
+            // Make the lease itself durable before writing under it, so that a failover
+            // right after is unlikely to lose the lock and hand the auction to another
+            // server while this one still writes (the fence would refuse it, but the
+            // handover costs time). Best effort: the fence is what protects the data.
+            if let Err(e) = ctx.replication.wait(link.generation).await {
+                debug!(%auction, error = %e, "lease not yet replicated; continuing (fenced anyway)");
+            }
+            Ok(Some(lease))
+        }
         Ok(Acquire::Held(ttl)) => Err(Stop::NotOwner(Some(ttl))),
         Ok(Acquire::UnknownAuction) => Ok(None),
         Err(e) => {
