@@ -39,6 +39,12 @@ impl Hub {
         let _ = self.tx.send(Arc::new(event));
     }
 
+    /// True while someone listens (a watch, an admin close waiting): otherwise incoming
+    /// events need not even be decoded.
+    pub fn has_listeners(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     /// A new listener, seeing events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()

@@ -263,6 +263,9 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
             msg = msg_rx.recv() => {
                 let Some(msg) = msg else { break };
                 if msg.channel == args.redis.event_channel {
+                    if !hub.has_listeners() {
+                        continue;
+                    }
                     match Event::from_json(&msg.payload) {
                         Ok(event) => hub.publish(event),
                         Err(e) => warn!(error = %e, "ignoring an undecodable event on the event channel"),
