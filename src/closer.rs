@@ -20,8 +20,8 @@ use crate::sentinel::Master;
 
 /// Longest sleep between ticks.
 pub const MAX_TICK: Duration = Duration::from_millis(200);
-/// Due auctions handled per tick.
-const BATCH: usize = 1000;
+/// Due auctions read per tick; with more due, the next tick reads the next page at once.
+const BATCH: usize = 2000;
 /// A close request is repeated after this long if the auction is still open.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -40,8 +40,9 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let mut requested: HashMap<AuctionId, Instant> = HashMap::new();
+    let mut offset = 0usize;
     loop {
-        let sleep = match tick(&master, &router, &metrics, &mut requested).await {
+        let sleep = match tick(&master, &router, &metrics, &mut requested, &mut offset).await {
             Ok(next) => next,
             Err(e) => {
                 debug!(error = %e, "closer tick failed; retrying");
@@ -60,6 +61,7 @@ async fn tick(
     router: &Router,
     metrics: &crate::metrics::Metrics,
     requested: &mut HashMap<AuctionId, Instant>,
+    offset: &mut usize,
 ) -> Result<Duration, String> {
     let link = master.link(MAX_TICK).await.map_err(|e| e.to_string())?;
     let mut conn = link.conn.clone();
@@ -74,7 +76,7 @@ async fn tick(
         .arg(now)
         .arg("BYSCORE")
         .arg("LIMIT")
-        .arg(0)
+        .arg(*offset)
         .arg(BATCH)
         .query_async(&mut conn)
         .await
@@ -93,8 +95,12 @@ async fn tick(
         router.close_due(id).await;
     }
     if due.len() >= BATCH {
-        return Ok(Duration::ZERO);
+        // A full page: page on through the due auctions at once (closes remove members, so
+        // a page may be skipped; the pass that restarts from 0 picks it up).
+        *offset += BATCH;
+        return Ok(Duration::from_millis(1));
     }
+    *offset = 0;
     let open: i64 = redis::cmd("ZCARD")
         .arg(keyspace::OPEN_AUCTIONS)
         .query_async(&mut conn)

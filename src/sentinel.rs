@@ -84,7 +84,8 @@ impl Settings {
         }
     }
 
-    fn connection_config(&self) -> AsyncConnectionConfig {
+    /// Connection and response timeouts for every connection this process opens.
+    pub fn connection_config(&self) -> AsyncConnectionConfig {
         AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
