@@ -84,8 +84,7 @@ impl Settings {
         }
     }
 
-    /// Connection and response timeouts for every connection this process opens.
-    pub fn connection_config(&self) -> AsyncConnectionConfig {
+    fn connection_config(&self) -> AsyncConnectionConfig {
         AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))

@@ -166,13 +166,12 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
         None => None,
     };
     let master = Master::start(Settings::from_args(&args.redis));
+    let replication = Replication::start(master.clone(), args.wait_replicas, args.wait_timeout);
     let host = crate::host_name();
-    let owner = crate::lock::owner_id(&host);
-    let replication = Replication::start(master.clone(), args.wait_replicas, args.wait_timeout, &owner);
     let ctx = Arc::new(WorkerContext {
         master: master.clone(),
         replication,
-        owner,
+        owner: crate::lock::owner_id(&host),
         event_channel: args.redis.event_channel.clone(),
         settings: WorkerSettings {
             lease: args.lock_lease,

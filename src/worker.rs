@@ -185,11 +185,7 @@ async fn serve(
         Ok(None) => {
             // No such auction: answer every queued request so nobody waits in vain.
             rx.close();
-            let mut w = Worker {
-                ctx,
-                lease: None,
-                closed: true,
-            };
+            let mut w = Worker { ctx, lease: None };
             while let Some(work) = rx.recv().await {
                 w.unknown(work).await;
             }
@@ -206,7 +202,6 @@ async fn serve(
     let mut w = Worker {
         ctx,
         lease: Some(lease.clone()),
-        closed: false,
     };
     let stop = loop {
         let idle_deadline = tokio::time::Instant::from_std(idle_since + ctx.settings.idle_release);
@@ -227,18 +222,13 @@ async fn serve(
                         Err(_) => break,
                     }
                 }
+                // A closed auction keeps its worker until idle: late bids are answered
+                // by the holder instead of moving the lease around.
                 if let Err((stop, unjudged)) = w.handle(batch).await {
                     leftover.extend(unjudged);
                     break stop;
                 }
                 idle_since = Instant::now();
-                if w.closed && !draining {
-                    // Closed: answer what is queued, then let the lease go (late bids
-                    // elsewhere are shadowed and answered by whoever takes it next), so
-                    // closed auctions do not keep leases renewed for nothing.
-                    rx.close();
-                    draining = true;
-                }
             }
             _ = tokio::time::sleep_until(idle_deadline), if !draining => {
                 // Idle: finish anything that raced in, then let the lease go.
@@ -330,8 +320,6 @@ async fn renew_lease(ctx: &WorkerContext, lease: &mut Lease) -> Result<(), Stop>
 struct Worker<'a> {
     ctx: &'a WorkerContext,
     lease: Option<Lease>,
-    /// Set once the auction is known closed (or gone).
-    closed: bool,
 }
 
 impl Worker<'_> {
@@ -348,13 +336,7 @@ impl Worker<'_> {
                 // Keep arrival order: bids queued before an admin operation go first.
                 admin => match self.judge_all(&mut pending).await {
                     Err(stop) => Some((stop, Some(admin))),
-                    Ok(()) => match self.admin(admin).await {
-                        Ok(done) => {
-                            self.closed |= done;
-                            None
-                        }
-                        Err(stop) => Some((stop, None)),
-                    },
+                    Ok(()) => self.admin(admin).await.err().map(|stop| (stop, None)),
                 },
             };
             if let Some((stop, admin)) = failed {
