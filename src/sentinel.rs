@@ -21,7 +21,7 @@ use redis::{
 };
 use tokio::sync::{Notify, watch};
 use tokio::time::timeout;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{HostPort, RedisArgs};
@@ -395,7 +395,9 @@ async fn supervise(
         {
             avoid = None;
         }
+        let resolving = tracing::info_span!("sentinel.resolve", master_name = %settings.master_name, generation = generation + 1);
         let link = match resolve_avoiding(&settings, generation + 1, avoid.as_ref().map(|(a, _)| a))
+            .instrument(resolving)
             .await
         {
             Ok(link) => link,

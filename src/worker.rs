@@ -269,6 +269,7 @@ async fn take_lease(
         ctx.settings.lease,
         must_exist,
     )
+    .instrument(info_span!("lease.acquire", %auction, must_exist))
     .await
     {
         Ok(Acquire::Acquired(lease)) => {
