@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -172,20 +171,10 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         .as_deref()
         .map(AuctionId::parse)
         .transpose()?;
-    let health_listener = tokio::net::TcpListener::bind(args.health_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on HEALTH_ADDR {}: is another process using it?",
-                args.health_addr
-            )
-        })?;
+    let health_listener = crate::grpc::listen(args.health_addr, "HEALTH_ADDR").await?;
     let health_addr = health_listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
-    let _metrics_endpoint = match args.metrics_addr {
-        Some(addr) => Some(crate::metrics::serve(addr, metrics.clone()).await?),
-        None => None,
-    };
+    let _metrics_endpoint = crate::metrics::serve(args.metrics_addr, metrics.clone()).await?;
     let master = Master::start(Settings::from_args(&args.redis));
     let (tx, mut rx) = mpsc::channel(4096);
     let sub = Subscription::start(master.clone(), vec![args.redis.event_channel.clone()], tx);

@@ -227,15 +227,16 @@ pub fn add(c: &Counter, n: u64) {
     c.inc_by(n);
 }
 
-/// Serves `GET /metrics` on `addr`; returns the bound address and the serving task.
+/// Serves `GET /metrics` on `addr` (`METRICS_ADDR`) when one is configured; returns the
+/// serving task, which stops when dropped.
 pub async fn serve(
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<(SocketAddr, TaskGuard)> {
-    use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on METRICS_ADDR {addr}: is another process using it?")
-    })?;
+) -> anyhow::Result<Option<TaskGuard>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = crate::grpc::listen(addr, "METRICS_ADDR").await?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",
@@ -258,5 +259,5 @@ pub async fn serve(
         }
     });
     info!(%bound, "metrics listening (GET /metrics)");
-    Ok((bound, TaskGuard::new("metrics endpoint", task)))
+    Ok(Some(TaskGuard::new("metrics endpoint", task)))
 }

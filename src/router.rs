@@ -53,7 +53,7 @@ fn shadow_push(shadow: &mut VecDeque<(Instant, Bid)>, bid: Bid, ctx: &WorkerCont
             .is_some_and(|(at, _)| now.duration_since(*at) > SHADOW_AGE)
     {
         shadow.pop_front();
-        inc(&ctx.counters.bids_left_to_owner);
+        inc(&ctx.metrics.bids_left_to_owner);
     }
 }
 
@@ -175,7 +175,7 @@ async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Du
                         }
                     }
                 } else {
-                    add(&ctx.counters.bids_left_to_owner, exit.leftover.len() as u64);
+                    add(&ctx.metrics.bids_left_to_owner, exit.leftover.len() as u64);
                 }
             }
             Some(_) = workers.join_next(), if !workers.is_empty() => {}
@@ -226,7 +226,7 @@ async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Du
                             if let Some(Slot::Busy { shadow, .. }) = previous {
                                 for (_, bid) in shadow {
                                     if tx.send(Work::Bid(bid)).await.is_err() {
-                                        inc(&ctx.counters.bids_left_to_owner);
+                                        inc(&ctx.metrics.bids_left_to_owner);
                                     }
                                 }
                             }

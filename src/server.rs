@@ -151,20 +151,10 @@ impl ServerArgs {
 pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     args.validate()?;
     // Bind first: a taken port is a configuration error to report before touching Redis.
-    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on GRPC_ADDR {}: is another process using it?",
-                args.grpc_addr
-            )
-        })?;
+    let listener = crate::grpc::listen(args.grpc_addr, "GRPC_ADDR").await?;
     let grpc_addr = listener.local_addr()?;
-    let counters = Arc::new(Metrics::new());
-    let _metrics_endpoint = match args.metrics_addr {
-        Some(addr) => Some(crate::metrics::serve(addr, counters.clone()).await?),
-        None => None,
-    };
+    let metrics = Arc::new(Metrics::new());
+    let _metrics_endpoint = crate::metrics::serve(args.metrics_addr, metrics.clone()).await?;
     let master = Master::start(Settings::from_args(&args.redis));
     let replication = Replication::start(master.clone(), args.wait_replicas, args.wait_timeout);
     let host = crate::host_name();
@@ -178,7 +168,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
             idle_release: args.lock_lease * 2,
             ..WorkerSettings::default()
         },
-        counters: counters.clone(),
+        metrics: metrics.clone(),
     });
     info!(owner = %ctx.owner, sentinels = ?args.redis.sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(), "auction server starting");
     let (router, router_task) = Router::start(ctx.clone(), args.shutdown_grace);
@@ -198,10 +188,10 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     crate::health::not_serving(&reporter, SERVICES).await;
-    let (master_up, _master_up_task) = crate::health::master_up(&master, Some(counters.clone()));
+    let (master_up, _master_up_task) = crate::health::master_up(&master, Some(metrics.clone()));
     let (ready, _ready_task) = crate::health::all_of(vec![master_up, subscription.watch_live()]);
     let health_task =
-        crate::health::report(reporter.clone(), SERVICES, ready, Some(counters.clone()));
+        crate::health::report(reporter.clone(), SERVICES, ready, Some(metrics.clone()));
 
     let admin = AdminService {
         router: router.clone(),
@@ -238,7 +228,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
         tokio::spawn(crate::closer::run(
             master.clone(),
             router.clone(),
-            counters.clone(),
+            metrics.clone(),
             async {
                 let _ = stop_closer_rx.await;
             },
@@ -276,7 +266,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
                         Err(e) => warn!(error = %e, payload = %truncate(&String::from_utf8_lossy(&msg.payload), 200), "refused a control-channel message"),
                     }
                 } else {
-                    intake(&msg.payload, &router, &counters, &reject_tx).await;
+                    intake(&msg.payload, &router, &metrics, &reject_tx).await;
                 }
             }
         }
@@ -293,7 +283,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     router_task
         .join(args.shutdown_grace + Duration::from_secs(1))
         .await;
-    info!(counters = ?counters.snapshot(), "auction server stopped");
+    info!(metrics = ?metrics.snapshot(), "auction server stopped");
     Ok(())
 }
 
@@ -303,14 +293,14 @@ const SERVICES: &[&str] = &[crate::health::ADMIN_SERVICE];
 async fn intake(
     payload: &[u8],
     router: &Router,
-    counters: &Metrics,
+    metrics: &Metrics,
     reject_tx: &mpsc::Sender<Event>,
 ) {
-    inc(&counters.messages_received);
+    inc(&metrics.messages_received);
     match wire::decode_command(payload) {
         Ok(bid) => router.bid(bid).await,
         Err(bad) => {
-            counters.malformed(bad.error.reason());
+            metrics.malformed(bad.error.reason());
             warn!(
                 reason = bad.error.reason(),
                 error = %bad.error,
@@ -330,7 +320,7 @@ async fn intake(
 async fn answer_malformed(master: Master, ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Event>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
-        if let Err(e) = worker::publish(&master, &ctx.event_channel, &batch, &ctx.counters).await {
+        if let Err(e) = worker::publish(&master, &ctx.event_channel, &batch, &ctx.metrics).await {
             warn!(error = %e, dropped = batch.len(), "could not answer malformed messages");
         }
         batch.clear();

@@ -60,8 +60,8 @@ pub struct WorkerContext {
     pub event_channel: String,
     /// Tunables.
     pub settings: WorkerSettings,
-    /// Counters.
-    pub counters: Arc<Metrics>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why an admin operation did not happen.
@@ -194,7 +194,7 @@ async fn serve(
         Err(stop) => return stop,
     };
     debug!(%auction, token = lease.token(), "lease acquired");
-    inc(&ctx.counters.leases_acquired);
+    inc(&ctx.metrics.leases_acquired);
     let mut renew = tokio::time::interval(ctx.settings.lease / 3);
     renew.tick().await;
     let mut idle_since = Instant::now();
@@ -246,7 +246,7 @@ async fn serve(
         }
         debug!(%auction, "lease released");
     } else {
-        inc(&ctx.counters.leases_lost);
+        inc(&ctx.metrics.leases_lost);
     }
     stop
 }
@@ -432,7 +432,7 @@ impl Worker<'_> {
             })
             .instrument(batch.clone())
             .await?;
-        let c = &self.ctx.counters;
+        let c = &self.ctx.metrics;
         let mut events = Vec::with_capacity(judged.len());
         for (j, span) in judged.into_iter().zip(&spans) {
             let outcome = match (&j.event, j.fresh) {
@@ -465,11 +465,11 @@ impl Worker<'_> {
             .instrument(info_span!(parent: &batch, "wait_and_publish", events = events.len()))
             .await;
         if let Err(e) = published {
-            add(&self.ctx.counters.bids_deferred, n);
+            add(&self.ctx.metrics.bids_deferred, n);
             warn!(error = %e, bids = n, "outcomes stored but not announced; bidders' retries will announce them");
         }
         self.ctx
-            .counters
+            .metrics
             .processing_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(())
@@ -491,7 +491,7 @@ impl Worker<'_> {
             &self.ctx.master,
             &self.ctx.event_channel,
             events,
-            &self.ctx.counters,
+            &self.ctx.metrics,
         )
         .await
         .map_err(OpError::Unavailable)
@@ -517,7 +517,7 @@ impl Worker<'_> {
                 };
                 let answer = match opened {
                     Some(event) => {
-                        inc(&self.ctx.counters.auctions_opened);
+                        inc(&self.ctx.metrics.auctions_opened);
                         info!(auction = ?event.auction_id(), item = %spec.item, "auction opened");
                         self.durable_then_publish(generation, std::slice::from_ref(&event))
                             .await
@@ -546,7 +546,7 @@ impl Worker<'_> {
                 let (answer, done) = match &closed {
                     Closed::Now(event) | Closed::Already(event) => {
                         if matches!(closed, Closed::Now(_)) {
-                            inc(&self.ctx.counters.auctions_closed);
+                            inc(&self.ctx.metrics.auctions_closed);
                             info!(auction = ?event.auction_id(), ?event, "auction closed");
                         }
                         // An earlier close may have been stored but never announced (its
@@ -571,7 +571,7 @@ impl Worker<'_> {
     async fn unknown(&mut self, work: Work) {
         match work {
             Work::Bid(bid) => {
-                self.ctx.counters.rejected("unknown_auction");
+                self.ctx.metrics.rejected("unknown_auction");
                 let event = Event::BidRejected {
                     auction_id: Some(bid.auction_id.to_string()),
                     seq: None,
@@ -587,7 +587,7 @@ impl Worker<'_> {
                     &self.ctx.master,
                     &self.ctx.event_channel,
                     &[event],
-                    &self.ctx.counters,
+                    &self.ctx.metrics,
                 )
                 .await
                 {
@@ -633,7 +633,7 @@ pub async fn publish(
     master: &Master,
     channel: &str,
     events: &[Event],
-    counters: &Metrics,
+    metrics: &Metrics,
 ) -> Result<(), String> {
     if events.is_empty() {
         return Ok(());
@@ -649,7 +649,7 @@ pub async fn publish(
     let mut conn = link.conn.clone();
     match pipe.query_async::<()>(&mut conn).await {
         Ok(()) => {
-            add(&counters.events_published, events.len() as u64);
+            add(&metrics.events_published, events.len() as u64);
             Ok(())
         }
         Err(e) => {
