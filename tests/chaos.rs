@@ -566,25 +566,11 @@ async fn run() {
             .await
             .expect("history");
         total_accepted += history.len();
+        let fences = assert_history_sound(id, &history);
         let by_bid: HashMap<&str, &ledger::HistoryEntry> = history
             .iter()
             .map(|(_, h)| (h.bid_id.as_str(), h))
             .collect();
-        assert_eq!(
-            by_bid.len(),
-            history.len(),
-            "{id}: a bid_id accepted twice in history"
-        );
-        let fences: Vec<u64> = history.iter().map(|(_, h)| h.fence).collect();
-        assert!(
-            fences.windows(2).all(|w| w[0] <= w[1]),
-            "{id}: fencing tokens went backwards in stored writes: {fences:?}"
-        );
-        let amounts: Vec<u64> = history.iter().map(|(_, h)| h.amount).collect();
-        assert!(
-            amounts.windows(2).all(|w| w[0] < w[1]),
-            "{id}: accepted amounts must strictly increase"
-        );
         assert!(
             history.iter().all(|(_, h)| h.at_ms < rec.deadline_ms),
             "{id}: a bid was accepted at or after the deadline"

@@ -37,24 +37,8 @@ async fn check_consistency(
     let history = ledger::history(&mut conn, &aid, "-", 100_000)
         .await
         .expect("history");
-    let mut seen = HashSet::new();
-    for (_, h) in &history {
-        assert!(
-            seen.insert(h.bid_id.clone()),
-            "bid {} accepted twice in history",
-            h.bid_id
-        );
-    }
-    let fences: Vec<u64> = history.iter().map(|(_, h)| h.fence).collect();
-    assert!(
-        fences.windows(2).all(|w| w[0] <= w[1]),
-        "fences went backwards: {fences:?}"
-    );
-    let amounts: Vec<u64> = history.iter().map(|(_, h)| h.amount).collect();
-    assert!(
-        amounts.windows(2).all(|w| w[0] < w[1]),
-        "accepted amounts must strictly increase: {amounts:?}"
-    );
+    assert_history_sound(id, &history);
+    let seen: HashSet<String> = history.iter().map(|(_, h)| h.bid_id.clone()).collect();
     let mut accepted_ids: HashMap<String, u64> = HashMap::new();
     for e in of(&events, id) {
         if let Event::BidAccepted { bid_id, seq, .. } = e {

@@ -316,3 +316,31 @@ pub async fn wait_health(port: u16, service: &str, want: &str, limit: Duration) 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Asserts what every stored history must satisfy: no `bid_id` accepted twice, fencing
+/// tokens never going backwards in stored writes, accepted amounts strictly increasing.
+/// Returns the fences in history order.
+pub fn assert_history_sound(
+    id: &str,
+    history: &[(String, auction::ledger::HistoryEntry)],
+) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    for (_, h) in history {
+        assert!(
+            seen.insert(h.bid_id.as_str()),
+            "{id}: bid {} accepted twice in history",
+            h.bid_id
+        );
+    }
+    let fences: Vec<u64> = history.iter().map(|(_, h)| h.fence).collect();
+    assert!(
+        fences.windows(2).all(|w| w[0] <= w[1]),
+        "{id}: fencing tokens went backwards in stored writes: {fences:?}"
+    );
+    let amounts: Vec<u64> = history.iter().map(|(_, h)| h.amount).collect();
+    assert!(
+        amounts.windows(2).all(|w| w[0] < w[1]),
+        "{id}: accepted amounts must strictly increase: {amounts:?}"
+    );
+    fences
+}
