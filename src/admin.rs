@@ -426,7 +426,7 @@ impl AdminService {
                 Ok(Closed::NotDue(_)) => {
                     return Err(Status::internal("an immediate close reported not due"));
                 }
-                Err(OpError::Busy) => {
+                Ok(Closed::Held(_)) | Err(OpError::Busy) => {
                     // Another server holds the lease: ask it, through the control channel.
                     if self.close_elsewhere(&id, &mut events).await? {
                         break;

@@ -40,9 +40,9 @@ pub async fn run(
 ) {
     tokio::pin!(shutdown);
     let mut requested: HashMap<AuctionId, Instant> = HashMap::new();
-    let mut offset = 0usize;
+    let mut pass = Pass::default();
     loop {
-        let sleep = match tick(&master, &router, &metrics, &mut requested, &mut offset).await {
+        let sleep = match tick(&master, &router, &metrics, &mut requested, &mut pass).await {
             Ok(next) => next,
             Err(e) => {
                 debug!(error = %e, "closer tick failed; retrying");
@@ -56,12 +56,21 @@ pub async fn run(
     }
 }
 
+/// Where the closer is in its pass through the due auctions.
+#[derive(Default)]
+struct Pass {
+    /// Index of the next page.
+    offset: usize,
+    /// Whether this pass asked for any close.
+    asked: bool,
+}
+
 async fn tick(
     master: &Master,
     router: &Router,
     metrics: &crate::metrics::Metrics,
     requested: &mut HashMap<AuctionId, Instant>,
-    offset: &mut usize,
+    pass: &mut Pass,
 ) -> Result<Duration, String> {
     let link = master.link(MAX_TICK).await.map_err(|e| e.to_string())?;
     let mut conn = link.conn.clone();
@@ -76,13 +85,14 @@ async fn tick(
         .arg(now)
         .arg("BYSCORE")
         .arg("LIMIT")
-        .arg(*offset)
+        .arg(pass.offset)
         .arg(BATCH)
         .query_async(&mut conn)
         .await
         .map_err(fail)?;
     let local_now = Instant::now();
     requested.retain(|_, at| local_now.duration_since(*at) < RETRY_AFTER);
+    let mut ask = Vec::new();
     for raw in &due {
         let Ok(id) = AuctionId::parse(raw) else {
             warn!(member = %raw, "ignoring an invalid id in {}", keyspace::OPEN_AUCTIONS);
@@ -92,15 +102,30 @@ async fn tick(
             continue;
         }
         requested.insert(id.clone(), local_now);
-        router.close_due(id).await;
+        ask.push(id);
+    }
+    if !ask.is_empty() {
+        debug!(
+            due = due.len(),
+            asking = ask.len(),
+            now,
+            "asking for closes"
+        );
+        pass.asked = true;
+        router.close_due(ask).await;
     }
     if due.len() >= BATCH {
-        // A full page: page on through the due auctions at once (closes remove members, so
-        // a page may be skipped; the pass that restarts from 0 picks it up).
-        *offset += BATCH;
+        // A full page: page on through the due auctions at once.
+        pass.offset += BATCH;
         return Ok(Duration::from_millis(1));
     }
-    *offset = 0;
+    // Closes remove members while we page, so a paged pass may have skipped some: go
+    // through again at once until a pass finds nothing new to ask.
+    let again = pass.offset > 0 && pass.asked;
+    *pass = Pass::default();
+    if again {
+        return Ok(Duration::from_millis(1));
+    }
     let open: i64 = redis::cmd("ZCARD")
         .arg(keyspace::OPEN_AUCTIONS)
         .query_async(&mut conn)

@@ -17,14 +17,21 @@ use crate::lock::{FENCE_PRELUDE, Lease};
 use crate::script::Reply;
 use crate::wire::{self, Bid, Event, RejectReason};
 
+/// A script writing one auction: the fence functions, the check under the single-auction
+/// convention (see `lock/fence.lua`), then `body`.
 fn fenced_script(body: &str) -> Script {
-    Script::new(&[FENCE_PRELUDE, body].concat())
+    Script::new(&[FENCE_PRELUDE, FENCE_CHECK, body].concat())
 }
+
+const FENCE_CHECK: &str =
+    "if not fence_ok(KEYS[1], KEYS[2], ARGV[1], ARGV[2]) then return {'fenced'} end\n";
 
 static OPEN: LazyLock<Script> = LazyLock::new(|| fenced_script(include_str!("ledger/open.lua")));
 static PLACE_BIDS: LazyLock<Script> =
     LazyLock::new(|| fenced_script(include_str!("ledger/place_bids.lua")));
-static CLOSE: LazyLock<Script> = LazyLock::new(|| fenced_script(include_str!("ledger/close.lua")));
+/// Closes many auctions, each fenced by its own lease (the script checks each one).
+static CLOSE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[FENCE_PRELUDE, include_str!("ledger/close.lua")].concat()));
 
 /// Longest item description, in bytes.
 pub const MAX_ITEM_LEN: usize = 200;
@@ -259,6 +266,8 @@ pub enum Closed {
     NotDue(u64),
     /// No such auction.
     Unknown,
+    /// Only for [`CloseAs::Free`]: someone holds the lease, for about this long.
+    Held(Duration),
 }
 
 /// When a close may happen.
@@ -270,27 +279,79 @@ pub enum CloseMode {
     Now,
 }
 
+/// Under which lease a close is made.
+#[derive(Clone, Debug)]
+pub enum CloseAs {
+    /// The caller's own lease (fenced).
+    Holder(Lease),
+    /// Nobody's: the lease must be free, and is taken and given back within the call.
+    Free(AuctionId),
+}
+
+impl CloseAs {
+    /// The auction.
+    pub fn auction(&self) -> &AuctionId {
+        match self {
+            CloseAs::Holder(lease) => lease.auction(),
+            CloseAs::Free(id) => id,
+        }
+    }
+}
+
 /// Closes the lease's auction (exactly once across all callers).
 pub async fn close<C: ConnectionLike + Send>(
     conn: &mut C,
     lease: &Lease,
     mode: CloseMode,
 ) -> Result<Closed, LedgerError> {
-    let id = lease.auction();
-    let reply: Vec<Value> = CLOSE
-        .key(id.state_key())
-        .key(id.lock_key())
-        .key(keyspace::OPEN_AUCTIONS)
-        .arg(lease.value())
-        .arg(lease.token())
-        .arg(id.as_str())
-        .arg(match mode {
+    let mut results = close_many(conn, &[(CloseAs::Holder(lease.clone()), mode)]).await?;
+    results.pop().unwrap_or_else(|| {
+        Err(LedgerError::Redis(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "close answered nothing",
+        ))))
+    })
+}
+
+/// Closes several auctions in one script call; one result per entry, in order. The
+/// auctions need not share a hash slot (this is one Redis, not a cluster; a cluster would
+/// group calls per slot).
+pub async fn close_many<C: ConnectionLike + Send>(
+    conn: &mut C,
+    closes: &[(CloseAs, CloseMode)],
+) -> Result<Vec<Result<Closed, LedgerError>>, LedgerError> {
+    let mut call = CLOSE.prepare_invoke();
+    call.key(keyspace::OPEN_AUCTIONS);
+    for (who, mode) in closes {
+        let id = who.auction();
+        call.key(id.state_key())
+            .key(id.lock_key())
+            .key(id.fence_key());
+        match who {
+            CloseAs::Holder(lease) => call.arg(lease.value()).arg(lease.token()),
+            CloseAs::Free(_) => call.arg("").arg(""),
+        };
+        call.arg(id.as_str()).arg(match mode {
             CloseMode::Due => "due",
             CloseMode::Now => "now",
-        })
-        .invoke_async(conn)
-        .await?;
-    let reply = Reply::new("close", reply);
+        });
+    }
+    let replies: Vec<Vec<Value>> = call.invoke_async(conn).await?;
+    if replies.len() != closes.len() {
+        return Err(LedgerError::Redis(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "close answered the wrong number of results",
+            format!("{} for {} auctions", replies.len(), closes.len()),
+        ))));
+    }
+    Ok(replies
+        .into_iter()
+        .zip(closes)
+        .map(|(reply, (who, _))| closed(who.auction(), Reply::new("close", reply)))
+        .collect())
+}
+
+fn closed(id: &AuctionId, reply: Reply) -> Result<Closed, LedgerError> {
     let tag = reply.tag()?;
     match tag {
         "closed" | "already" => {
@@ -311,6 +372,9 @@ pub async fn close<C: ConnectionLike + Send>(
         }
         "not_due" => Ok(Closed::NotDue(reply.int(1)?)),
         "unknown" => Ok(Closed::Unknown),
+        "held" => Ok(Closed::Held(Duration::from_millis(
+            reply.int(1).unwrap_or(0),
+        ))),
         "fenced" => Err(LedgerError::Fenced),
         other => Err(reply.unexpected(other).into()),
     }

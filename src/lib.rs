@@ -8,7 +8,7 @@
 //! - [`subscription`]: Pub/Sub subscriptions that follow the master.
 //! - [`lock`]: the per-auction lease with fencing tokens checked inside Redis.
 //! - [`ledger`]: auction state changed only by fenced Lua scripts.
-//! - [`replication`]: `WAIT` as a group commit before anything is announced.
+//! - [`announcer`]: `WAIT` as a group commit, then events published in order, pipelined.
 //! - [`worker`], [`router`], [`closer`], [`server`]: the auction server.
 //! - [`bidder`]: the automatic bidder behind `auction-client`.
 //! - [`telemetry`]: logs and traces.
@@ -17,8 +17,10 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod announcer;
 pub mod backoff;
 pub mod bidder;
+pub mod close_batch;
 pub mod closer;
 pub mod config;
 pub mod devstack;
@@ -26,12 +28,12 @@ pub mod grpc;
 pub mod health;
 pub mod hub;
 pub mod keyspace;
+pub mod lease_keeper;
 pub mod ledger;
 pub mod lock;
 pub mod metrics;
 pub mod propagation;
 pub mod proto;
-pub mod replication;
 pub mod router;
 pub mod script;
 pub mod sentinel;

@@ -8,7 +8,8 @@
 //! caller's exact lock value is still current and its token is not older than the last
 //! writer's.
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
@@ -20,39 +21,62 @@ use crate::script::Reply;
 /// Lua prepended to every fenced write script (see the file for its key/arg convention).
 pub const FENCE_PRELUDE: &str = include_str!("lock/fence.lua");
 
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock/acquire.lua")));
+static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[FENCE_PRELUDE, include_str!("lock/acquire.lua")].concat()));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock/renew.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock/release.lua")));
 
-/// A held lease on one auction.
+/// A held lease on one auction. Clones share one view of its validity, which renewals
+/// (usually by the [`crate::lease_keeper`]) extend and a failed renewal ends.
 #[derive(Clone, Debug)]
 pub struct Lease {
+    inner: Arc<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
     auction: AuctionId,
     value: String,
     token: u64,
     ttl: Duration,
-    valid_until: Instant,
+    valid_until: Mutex<Instant>,
+    lost: AtomicBool,
+    lost_notify: tokio::sync::Notify,
 }
 
 impl Lease {
+    fn new(auction: AuctionId, value: String, token: u64, ttl: Duration, sent: Instant) -> Self {
+        Self {
+            inner: Arc::new(Held {
+                auction,
+                value,
+                token,
+                ttl,
+                valid_until: Mutex::new(sent + ttl),
+                lost: AtomicBool::new(false),
+                lost_notify: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+
     /// The auction this lease covers.
     pub fn auction(&self) -> &AuctionId {
-        &self.auction
+        &self.inner.auction
     }
 
     /// The fencing token; strictly greater than every earlier holder's.
     pub fn token(&self) -> u64 {
-        self.token
+        self.inner.token
     }
 
     /// The exact lock value (`OWNER#TOKEN`) the fence compares.
     pub fn value(&self) -> &str {
-        &self.value
+        &self.inner.value
     }
 
     /// The lease duration requested at each acquire or renew.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.inner.ttl
     }
 
     /// Conservative local view of validity: the lease was last confirmed at a time no later
@@ -60,7 +84,43 @@ impl Lease {
     /// (pod clocks tick at the same rate; only their offsets differ). Used to stop early;
     /// the fence is what actually protects the data.
     pub fn locally_valid(&self) -> bool {
-        Instant::now() < self.valid_until
+        !self.is_lost() && Instant::now() < self.valid_until()
+    }
+
+    fn valid_until(&self) -> Instant {
+        *self
+            .inner
+            .valid_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A renewal sent at `sent` succeeded.
+    fn renewed(&self, sent: Instant) {
+        let mut until = self
+            .inner
+            .valid_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *until = (*until).max(sent + self.inner.ttl);
+    }
+
+    /// True once a renewal found the lease gone (expired or taken over).
+    pub fn is_lost(&self) -> bool {
+        self.inner.lost.load(Ordering::Acquire)
+    }
+
+    /// Marks the lease lost and wakes [`Lease::lost`].
+    pub fn mark_lost(&self) {
+        self.inner.lost.store(true, Ordering::Release);
+        self.inner.lost_notify.notify_one();
+    }
+
+    /// Resolves once the lease is known lost.
+    pub async fn lost(&self) {
+        while !self.is_lost() {
+            self.inner.lost_notify.notified().await;
+        }
     }
 }
 
@@ -98,13 +158,13 @@ pub async fn acquire<C: ConnectionLike + Send>(
     Ok(match reply.tag()? {
         "acquired" => {
             let token = reply.int(1)?;
-            Acquire::Acquired(Lease {
-                auction: auction.clone(),
-                value: format!("{owner}#{token}"),
+            Acquire::Acquired(Lease::new(
+                auction.clone(),
+                format!("{owner}#{token}"),
                 token,
                 ttl,
-                valid_until: sent + ttl,
-            })
+                sent,
+            ))
         }
         "held" => Acquire::Held(Duration::from_millis(reply.int(1).unwrap_or(0))),
         "unknown" => Acquire::UnknownAuction,
@@ -112,29 +172,70 @@ pub async fn acquire<C: ConnectionLike + Send>(
     })
 }
 
-/// Extends the lease if we still own it. Returns false when it was lost.
-pub async fn renew<C: ConnectionLike + Send>(conn: &mut C, lease: &mut Lease) -> RedisResult<bool> {
-    let sent = Instant::now();
-    let ok: i64 = RENEW
-        .key(lease.auction.lock_key())
-        .arg(&lease.value)
-        .arg(lease.ttl.as_millis() as u64)
-        .invoke_async(conn)
-        .await?;
-    if ok == 1 {
-        lease.valid_until = sent + lease.ttl;
+/// Extends the lease if we still own it. Returns false when it was lost (and marks it so).
+pub async fn renew<C: ConnectionLike + Send>(conn: &mut C, lease: &Lease) -> RedisResult<bool> {
+    let ok = renew_many(conn, std::slice::from_ref(lease)).await?;
+    Ok(ok.first().copied().unwrap_or(false))
+}
+
+/// Extends every lease still ours, in one script call; one answer each, in order. A lease
+/// found gone is marked lost. The locks need not share a hash slot (one Redis, not a
+/// cluster).
+pub async fn renew_many<C: ConnectionLike + Send>(
+    conn: &mut C,
+    leases: &[Lease],
+) -> RedisResult<Vec<bool>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(ok == 1)
+    let sent = Instant::now();
+    let mut call = RENEW.prepare_invoke();
+    for lease in leases {
+        call.key(lease.auction().lock_key())
+            .arg(lease.value())
+            .arg(lease.ttl().as_millis() as u64);
+    }
+    let oks: Vec<i64> = call.invoke_async(conn).await?;
+    if oks.len() != leases.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "renew answered the wrong number of results",
+        )));
+    }
+    Ok(leases
+        .iter()
+        .zip(oks)
+        .map(|(lease, ok)| {
+            if ok == 1 {
+                lease.renewed(sent);
+            } else {
+                lease.mark_lost();
+            }
+            ok == 1
+        })
+        .collect())
 }
 
 /// Releases the lease if we still own it; a non-owner's release changes nothing.
 pub async fn release<C: ConnectionLike + Send>(conn: &mut C, lease: &Lease) -> RedisResult<bool> {
-    let ok: i64 = RELEASE
-        .key(lease.auction.lock_key())
-        .arg(&lease.value)
-        .invoke_async(conn)
-        .await?;
-    Ok(ok == 1)
+    let ok = release_many(conn, std::slice::from_ref(lease)).await?;
+    Ok(ok.first().copied().unwrap_or(false))
+}
+
+/// Releases every lease still ours, in one script call; one answer each, in order.
+pub async fn release_many<C: ConnectionLike + Send>(
+    conn: &mut C,
+    leases: &[Lease],
+) -> RedisResult<Vec<bool>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut call = RELEASE.prepare_invoke();
+    for lease in leases {
+        call.key(lease.auction().lock_key()).arg(lease.value());
+    }
+    let oks: Vec<i64> = call.invoke_async(conn).await?;
+    Ok(oks.into_iter().map(|ok| ok == 1).collect())
 }
 
 /// A process-unique lock owner id: host, pid and a random suffix, so two incarnations of a

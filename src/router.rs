@@ -25,6 +25,9 @@ use crate::worker::{self, Exit, OpError, Work, WorkerContext};
 /// Longest a note "another server owns this auction" is trusted before asking Redis again.
 const MAX_BUSY_NOTE: Duration = Duration::from_secs(2);
 
+/// How often notes about other servers' auctions are swept out of the slot map.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Bids kept per auction while another server holds it, and for how long: if the lease
 /// comes to us (the holder died or let go), these are judged first, so a handover loses
 /// nothing that arrived within this window. Duplicates of bids the old holder judged just
@@ -41,6 +44,9 @@ enum Slot {
         until: Instant,
         shadow: VecDeque<(Instant, Bid)>,
     },
+    /// A deadline close of an auction nobody here held is in flight (see [`close_free`]);
+    /// work arriving meanwhile waits here, in order, for whoever takes the lease next.
+    Closing { queued: Vec<Work> },
 }
 
 /// Appends `bid` to a shadow, dropping (and counting) what is too old or too many.
@@ -57,9 +63,9 @@ fn shadow_push(shadow: &mut VecDeque<(Instant, Bid)>, bid: Bid, ctx: &WorkerCont
     }
 }
 
-struct Command {
-    auction: AuctionId,
-    work: Work,
+enum Command {
+    Work { auction: AuctionId, work: Work },
+    CloseDue(Vec<AuctionId>),
 }
 
 /// Handle to the router task; clone freely. When every handle is dropped the router
@@ -84,7 +90,7 @@ impl Router {
         let auction = bid.auction_id.clone();
         let _ = self
             .tx
-            .send(Command {
+            .send(Command::Work {
                 auction,
                 work: Work::Bid(bid),
             })
@@ -112,17 +118,12 @@ impl Router {
         rx.await.unwrap_or_else(|_| Err(stopped()))
     }
 
-    /// Asks for a deadline close without waiting for it.
-    pub async fn close_due(&self, auction: AuctionId) {
-        let _ = self
-            .send(
-                auction,
-                Work::Close {
-                    mode: CloseMode::Due,
-                    reply: None,
-                },
-            )
-            .await;
+    /// Asks for deadline closes without waiting for them. Auctions this server holds are
+    /// closed by their workers; those nobody holds are closed in batches, each under a
+    /// lease taken and given back within the script call; those another server holds are
+    /// left to it.
+    pub async fn close_due(&self, auctions: Vec<AuctionId>) {
+        let _ = self.tx.send(Command::CloseDue(auctions)).await;
     }
 
     /// Asks for an immediate close without waiting (a forwarded admin close).
@@ -140,7 +141,7 @@ impl Router {
 
     async fn send(&self, auction: AuctionId, work: Work) -> Result<(), OpError> {
         self.tx
-            .send(Command { auction, work })
+            .send(Command::Work { auction, work })
             .await
             .map_err(|_| stopped())
     }
@@ -150,112 +151,279 @@ fn stopped() -> OpError {
     OpError::Unavailable("server is shutting down".into())
 }
 
+/// The router task's state: the slot map and the workers it started.
+struct State {
+    ctx: Arc<WorkerContext>,
+    slots: HashMap<AuctionId, Slot>,
+    workers: JoinSet<()>,
+    next_generation: u64,
+    exits: mpsc::UnboundedSender<Exit>,
+    freed: mpsc::UnboundedSender<Freed>,
+}
+
+/// The end of a [`close_free`] for one auction.
+struct Freed {
+    auction: AuctionId,
+    /// Set when another server held the lease after all.
+    held: Option<Duration>,
+}
+
 async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Duration) {
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
-    let mut slots: HashMap<AuctionId, Slot> = HashMap::new();
-    let mut workers = JoinSet::new();
-    let mut next_generation = 0u64;
+    let (freed_tx, mut freed) = mpsc::unbounded_channel::<Freed>();
+    let mut st = State {
+        ctx,
+        slots: HashMap::new(),
+        workers: JoinSet::new(),
+        next_generation: 0,
+        exits: exits_tx,
+        freed: freed_tx,
+    };
+    // Expired notes are swept on a timer, not per command: a sweep walks every slot, and
+    // with thousands of open auctions doing it per bid made routing O(auctions).
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
-            Some(exit) = exits.recv() => {
-                let current = matches!(slots.get(&exit.auction), Some(Slot::Worker { generation, .. }) if *generation == exit.generation);
-                if current {
-                    match exit.busy_for {
-                        Some(d) => {
-                            let mut shadow = VecDeque::new();
-                            for bid in exit.leftover {
-                                shadow_push(&mut shadow, bid, &ctx);
-                            }
-                            let until = Instant::now() + d.min(MAX_BUSY_NOTE);
-                            slots.insert(exit.auction, Slot::Busy { until, shadow });
-                        }
-                        None => {
-                            slots.remove(&exit.auction);
-                        }
-                    }
-                } else {
-                    add(&ctx.metrics.bids_left_to_owner, exit.leftover.len() as u64);
-                }
-            }
-            Some(_) = workers.join_next(), if !workers.is_empty() => {}
-            cmd = rx.recv() => {
-                let Some(Command { auction, mut work }) = cmd else { break };
-                // Loop: a worker may have just exited (its queue closed); then start anew.
-                loop {
-                    let now = Instant::now();
-                    match slots.get(&auction) {
-                        Some(Slot::Worker { tx, .. }) => {
-                            let tx = tx.clone();
-                            match tx.send(work).await {
-                                Ok(()) => break,
-                                Err(mpsc::error::SendError(back)) => {
-                                    work = back;
-                                    slots.remove(&auction);
-                                }
-                            }
-                        }
-                        Some(Slot::Busy { until, .. }) if now < *until && !matches!(work, Work::Open { .. }) => {
-                            let Some(Slot::Busy { shadow, .. }) = slots.get_mut(&auction) else { break };
-                            match work {
-                                Work::Bid(bid) => shadow_push(shadow, bid, &ctx),
-                                Work::Close { reply, .. } => {
-                                    if let Some(r) = reply {
-                                        let _ = r.send(Err(OpError::Busy));
-                                    }
-                                }
-                                Work::Open { .. } => {}
-                            }
-                            break;
-                        }
-                        _ => {
-                            next_generation += 1;
-                            let must_exist = !matches!(work, Work::Open { .. });
-                            let (tx, wrx) = mpsc::channel(ctx.settings.queue);
-                            debug!(%auction, generation = next_generation, "starting worker");
-                            workers.spawn(worker::run(
-                                ctx.clone(),
-                                auction.clone(),
-                                next_generation,
-                                wrx,
-                                must_exist,
-                                exits_tx.clone(),
-                            ));
-                            let previous = slots.insert(auction.clone(), Slot::Worker { generation: next_generation, tx: tx.clone() });
-                            // Bids kept while someone else held the lease go first, in order.
-                            if let Some(Slot::Busy { shadow, .. }) = previous {
-                                for (_, bid) in shadow {
-                                    if tx.send(Work::Bid(bid)).await.is_err() {
-                                        inc(&ctx.metrics.bids_left_to_owner);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Forget expired notes so the map does not grow with every auction ever seen.
-        if slots.len() > 1024 {
-            let now = Instant::now();
-            slots.retain(|_, s| match s {
-                Slot::Busy { shadow, .. } => shadow
-                    .back()
-                    .is_some_and(|(at, _)| now.duration_since(*at) < SHADOW_AGE),
-                Slot::Worker { .. } => true,
-            });
+            _ = sweep.tick() => st.sweep(),
+            Some(exit) = exits.recv() => st.exited(exit),
+            Some(f) = freed.recv() => st.freed(f).await,
+            Some(_) = st.workers.join_next(), if !st.workers.is_empty() => {}
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(Command::Work { auction, work }) => st.route(auction, work).await,
+                Some(Command::CloseDue(auctions)) => st.close_due(auctions).await,
+            },
         }
     }
     // Shutdown: dropping the senders lets each worker finish its queue and release its lease.
-    slots.clear();
+    st.slots.clear();
     let finished = tokio::time::timeout(drain, async {
-        while workers.join_next().await.is_some() {}
+        while st.workers.join_next().await.is_some() {}
     })
     .await;
     if finished.is_err() {
         warn!(
-            remaining = workers.len(),
+            remaining = st.workers.len(),
             "workers did not finish within the drain period; their leases will expire"
         );
+    }
+}
+
+impl State {
+    /// Forgets expired notes so the map does not grow with every auction ever seen.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.slots.retain(|_, s| match s {
+            Slot::Busy { until, shadow } => {
+                *until > now
+                    || shadow
+                        .back()
+                        .is_some_and(|(at, _)| now.duration_since(*at) < SHADOW_AGE)
+            }
+            Slot::Worker { .. } | Slot::Closing { .. } => true,
+        });
+    }
+
+    fn exited(&mut self, exit: Exit) {
+        let current = matches!(self.slots.get(&exit.auction), Some(Slot::Worker { generation, .. }) if *generation == exit.generation);
+        if !current {
+            add(
+                &self.ctx.metrics.bids_left_to_owner,
+                exit.leftover.len() as u64,
+            );
+            return;
+        }
+        match exit.busy_for {
+            Some(d) => {
+                let mut shadow = VecDeque::new();
+                for bid in exit.leftover {
+                    shadow_push(&mut shadow, bid, &self.ctx);
+                }
+                let until = Instant::now() + d.min(MAX_BUSY_NOTE);
+                self.slots
+                    .insert(exit.auction, Slot::Busy { until, shadow });
+            }
+            None => {
+                self.slots.remove(&exit.auction);
+            }
+        }
+    }
+
+    /// Hands `work` to its auction's worker, starting one when there is none.
+    async fn route(&mut self, auction: AuctionId, mut work: Work) {
+        // Loop: a worker may have just exited (its queue closed); then start anew.
+        loop {
+            let now = Instant::now();
+            match self.slots.get_mut(&auction) {
+                Some(Slot::Worker { tx, .. }) => {
+                    let tx = tx.clone();
+                    match tx.send(work).await {
+                        Ok(()) => return,
+                        Err(mpsc::error::SendError(back)) => {
+                            work = back;
+                            self.slots.remove(&auction);
+                        }
+                    }
+                }
+                Some(Slot::Closing { queued }) => {
+                    queued.push(work);
+                    return;
+                }
+                Some(Slot::Busy { until, shadow })
+                    if now < *until && !matches!(work, Work::Open { .. }) =>
+                {
+                    match work {
+                        Work::Bid(bid) => shadow_push(shadow, bid, &self.ctx),
+                        other => reject(other, OpError::Busy),
+                    }
+                    return;
+                }
+                _ => {
+                    let must_exist = !matches!(work, Work::Open { .. });
+                    let tx = self.start_worker(&auction, must_exist).await;
+                    let _ = tx.send(work).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Starts a worker for `auction`; bids kept while someone else held the lease go to it
+    /// first, in order.
+    async fn start_worker(&mut self, auction: &AuctionId, must_exist: bool) -> mpsc::Sender<Work> {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let (tx, wrx) = mpsc::channel(self.ctx.settings.queue);
+        debug!(%auction, generation, "starting worker");
+        self.workers.spawn(worker::run(
+            self.ctx.clone(),
+            auction.clone(),
+            generation,
+            wrx,
+            must_exist,
+            self.exits.clone(),
+        ));
+        let previous = self.slots.insert(
+            auction.clone(),
+            Slot::Worker {
+                generation,
+                tx: tx.clone(),
+            },
+        );
+        if let Some(Slot::Busy { shadow, .. }) = previous {
+            for (_, bid) in shadow {
+                if tx.send(Work::Bid(bid)).await.is_err() {
+                    inc(&self.ctx.metrics.bids_left_to_owner);
+                }
+            }
+        }
+        tx
+    }
+
+    async fn close_due(&mut self, auctions: Vec<AuctionId>) {
+        let now = Instant::now();
+        let mut free = Vec::new();
+        for auction in auctions {
+            match self.slots.get(&auction) {
+                Some(Slot::Worker { tx, .. }) => {
+                    let close = Work::Close {
+                        mode: CloseMode::Due,
+                        reply: None,
+                    };
+                    // A worker that is just exiting refuses it; the closer asks again.
+                    let _ = tx.clone().send(close).await;
+                }
+                // Its holder closes it; a close of ours is already in flight.
+                Some(Slot::Busy { until, .. }) if now < *until => {}
+                Some(Slot::Closing { .. }) => {}
+                _ => {
+                    let queued = match self.slots.remove(&auction) {
+                        Some(Slot::Busy { shadow, .. }) => {
+                            shadow.into_iter().map(|(_, b)| Work::Bid(b)).collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    self.slots.insert(auction.clone(), Slot::Closing { queued });
+                    free.push(auction);
+                }
+            }
+        }
+        if !free.is_empty() {
+            self.workers
+                .spawn(close_free(self.ctx.clone(), free, self.freed.clone()));
+        }
+    }
+
+    /// A [`close_free`] ended for one auction: work that waited goes to a new worker.
+    async fn freed(&mut self, f: Freed) {
+        let Some(Slot::Closing { queued }) = self.slots.remove(&f.auction) else {
+            return;
+        };
+        if let Some(d) = f.held {
+            let mut shadow = VecDeque::new();
+            for work in queued {
+                match work {
+                    Work::Bid(bid) => shadow_push(&mut shadow, bid, &self.ctx),
+                    other => reject(other, OpError::Busy),
+                }
+            }
+            let until = Instant::now() + d.min(MAX_BUSY_NOTE);
+            self.slots.insert(f.auction, Slot::Busy { until, shadow });
+            return;
+        }
+        for work in queued {
+            self.route(f.auction.clone(), work).await;
+        }
+    }
+}
+
+/// Answers an admin request that will not run here.
+fn reject(work: Work, err: OpError) {
+    match work {
+        Work::Bid(_) => {}
+        Work::Open { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Work::Close { reply, .. } => {
+            if let Some(r) = reply {
+                let _ = r.send(Err(err));
+            }
+        }
+    }
+}
+
+/// Closes due auctions that no worker here holds, in batches through the close batcher,
+/// each under a lease taken and given back within the script call, and announces them.
+/// An auction whose lease turns out to be held is left to its holder.
+async fn close_free(
+    ctx: Arc<WorkerContext>,
+    auctions: Vec<AuctionId>,
+    back: mpsc::UnboundedSender<Freed>,
+) {
+    let results = ctx.closes.close_free_many(&auctions, CloseMode::Due).await;
+    let mut failed = 0;
+    let mut first_error = None;
+    for (auction, result) in auctions.into_iter().zip(results) {
+        let held = match result {
+            Ok((Closed::Held(d), _)) => Some(d),
+            Ok((closed, generation)) => {
+                if let Err(e) = worker::announce_close(&ctx, generation, closed, false).await {
+                    debug!(%auction, error = %e, "deadline close not announced");
+                }
+                None
+            }
+            Err(e) => {
+                // Stays open; the closer asks again.
+                failed += 1;
+                first_error.get_or_insert(e);
+                None
+            }
+        };
+        let _ = back.send(Freed { auction, held });
+    }
+    if let Some(e) = first_error {
+        warn!(failed, error = ?e, "deadline closes failed; the closer retries them shortly (if this persists, check the Redis master and the server's ACL user)");
     }
 }

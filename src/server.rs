@@ -17,13 +17,13 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::admin::AdminService;
+use crate::announcer::Announcer;
 use crate::backoff::Backoff;
 use crate::config::{RedisArgs, parse_duration};
 use crate::hub::Hub;
 use crate::keyspace::{AuctionId, truncate};
 use crate::ledger::AuctionSpec;
 use crate::metrics::{Metrics, inc};
-use crate::replication::Replication;
 use crate::router::Router;
 use crate::sentinel::{Master, Settings};
 use crate::subscription::Subscription;
@@ -156,11 +156,22 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics = Arc::new(Metrics::new());
     let _metrics_endpoint = crate::metrics::serve(args.metrics_addr, metrics.clone()).await?;
     let master = Master::start(Settings::from_args(&args.redis));
-    let replication = Replication::start(master.clone(), args.wait_replicas, args.wait_timeout);
+    let (announcer, announcer_task) = Announcer::start(
+        master.clone(),
+        args.redis.event_channel.clone(),
+        args.wait_replicas,
+        args.wait_timeout,
+        metrics.clone(),
+    );
+    let (closes, _close_batcher) = crate::close_batch::CloseBatcher::start(master.clone());
+    let (keeper, _lease_keeper) =
+        crate::lease_keeper::LeaseKeeper::start(master.clone(), args.lock_lease / 3);
     let host = crate::host_name();
     let ctx = Arc::new(WorkerContext {
         master: master.clone(),
-        replication,
+        announcer: announcer.clone(),
+        closes,
+        keeper,
         owner: crate::lock::owner_id(&host),
         event_channel: args.redis.event_channel.clone(),
         settings: WorkerSettings {
@@ -283,6 +294,14 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     router_task
         .join(args.shutdown_grace + Duration::from_secs(1))
         .await;
+    // Outcomes judged while draining are announced before the process exits.
+    if tokio::time::timeout(Duration::from_secs(2), announcer.drain())
+        .await
+        .is_err()
+    {
+        warn!("announcements still queued at exit; bidders' retries will announce them");
+    }
+    drop(announcer_task);
     info!(metrics = ?metrics.snapshot(), "auction server stopped");
     Ok(())
 }

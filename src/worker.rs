@@ -15,12 +15,14 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
+use crate::announcer::{Announcement, Announcer, NotAnnounced};
 use crate::backoff::Backoff;
+use crate::close_batch::CloseBatcher;
 use crate::keyspace::AuctionId;
+use crate::lease_keeper::LeaseKeeper;
 use crate::ledger::{self, AuctionSpec, CloseMode, Closed, LedgerError};
 use crate::lock::{self, Acquire, Lease};
 use crate::metrics::{Metrics, add, inc};
-use crate::replication::Replication;
 use crate::sentinel::Master;
 use crate::wire::{Bid, Event};
 
@@ -52,8 +54,12 @@ impl Default for WorkerSettings {
 pub struct WorkerContext {
     /// The master handle.
     pub master: Master,
-    /// Group commit.
-    pub replication: Replication,
+    /// Group commit and in-order publishing of outcomes.
+    pub announcer: Announcer,
+    /// Closes, batched across auctions.
+    pub closes: CloseBatcher,
+    /// Renews and releases leases, batched across auctions.
+    pub keeper: LeaseKeeper,
     /// This process's lock owner id.
     pub owner: String,
     /// Channel events are published on.
@@ -180,7 +186,7 @@ async fn serve(
     must_exist: bool,
     leftover: &mut Vec<Bid>,
 ) -> Stop {
-    let mut lease = match take_lease(ctx, auction, must_exist).await {
+    let lease = match take_lease(ctx, auction, must_exist).await {
         Ok(Some(lease)) => lease,
         Ok(None) => {
             // No such auction: answer every queued request so nobody waits in vain.
@@ -195,8 +201,10 @@ async fn serve(
     };
     debug!(%auction, token = lease.token(), "lease acquired");
     inc(&ctx.metrics.leases_acquired);
-    let mut renew = tokio::time::interval(ctx.settings.lease / 3);
-    renew.tick().await;
+    ctx.keeper.keep(lease.clone());
+    // The keeper renews the lease; this only notices when it could not in time.
+    let mut check = tokio::time::interval(ctx.settings.lease / 3);
+    check.tick().await;
     let mut idle_since = Instant::now();
     let mut draining = false;
     let mut w = Worker {
@@ -207,11 +215,12 @@ async fn serve(
         let idle_deadline = tokio::time::Instant::from_std(idle_since + ctx.settings.idle_release);
         tokio::select! {
             biased;
-            _ = renew.tick() => {
-                if let Err(stop) = renew_lease(ctx, &mut lease).await {
-                    break stop;
+            _ = lease.lost() => break Stop::NotOwner(None),
+            _ = check.tick() => {
+                if !lease.locally_valid() {
+                    warn!(%auction, token = lease.token(), "lease could not be renewed in time (Redis unreachable?); stopping this auction's worker");
+                    break Stop::Unavailable("lease could not be renewed in time".into());
                 }
-                w.lease = Some(lease.clone());
             }
             work = rx.recv() => {
                 let Some(first) = work else { break Stop::Done };
@@ -237,13 +246,10 @@ async fn serve(
             }
         }
     };
+    // Given back at once when done; otherwise (lost, or Redis down) the keeper just stops
+    // renewing it (a release of a lease that is no longer ours changes nothing).
+    let _ = tokio::time::timeout(Duration::from_secs(1), ctx.keeper.release(lease)).await;
     if matches!(stop, Stop::Done) {
-        if let Ok(link) = ctx.master.link(Duration::from_secs(1)).await {
-            let mut conn = link.conn.clone();
-            if let Err(e) = lock::release(&mut conn, &lease).await {
-                debug!(%auction, error = %e, "lease release failed; it will expire");
-            }
-        }
         debug!(%auction, "lease released");
     } else {
         inc(&ctx.metrics.leases_lost);
@@ -277,7 +283,7 @@ async fn take_lease(
             // right after is unlikely to lose the lock and hand the auction to another
             // server while this one still writes (the fence would refuse it, but the
             // handover costs time). Best effort: the fence is what protects the data.
-            if let Err(e) = ctx.replication.wait(link.generation).await {
+            if let Err(e) = ctx.announcer.flush(link.generation).await {
                 debug!(%auction, error = %e, "lease not yet replicated; continuing (fenced anyway)");
             }
             Ok(Some(lease))
@@ -287,33 +293,6 @@ async fn take_lease(
         Err(e) => {
             ctx.master.report(link.generation, &e);
             Err(Stop::Unavailable(e.to_string()))
-        }
-    }
-}
-
-async fn renew_lease(ctx: &WorkerContext, lease: &mut Lease) -> Result<(), Stop> {
-    let link = match ctx.master.link(ctx.settings.lease / 3).await {
-        Ok(l) => l,
-        Err(e) if lease.locally_valid() => {
-            debug!(auction = %lease.auction(), error = %e, "cannot renew now; lease still valid");
-            return Ok(());
-        }
-        Err(e) => return Err(Stop::Unavailable(e.to_string())),
-    };
-    let mut conn = link.conn.clone();
-    match lock::renew(&mut conn, lease).await {
-        Ok(true) => Ok(()),
-        Ok(false) => {
-            warn!(auction = %lease.auction(), token = lease.token(), "lease lost (expired or taken over); stopping this auction's worker");
-            Err(Stop::NotOwner(None))
-        }
-        Err(e) => {
-            ctx.master.report(link.generation, &e);
-            if lease.locally_valid() {
-                Ok(())
-            } else {
-                Err(Stop::Unavailable(e.to_string()))
-            }
         }
     }
 }
@@ -372,12 +351,12 @@ impl Worker<'_> {
         self.lease.as_ref().ok_or(Stop::NotOwner(None))
     }
 
-    /// Runs a fenced ledger call, retrying transient Redis errors while the lease may
-    /// still be valid. Returns the result and the link generation it ran on.
+    /// Runs a fenced ledger call, retrying transient failures while the lease may still be
+    /// valid. Returns the result and the link generation it ran on.
     async fn fenced<T, F, Fut>(&self, what: &str, call: F) -> Result<(T, u64), Stop>
     where
-        F: Fn(redis::aio::MultiplexedConnection, Lease) -> Fut,
-        Fut: std::future::Future<Output = Result<T, LedgerError>>,
+        F: Fn(Lease) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, u64), Failure>>,
     {
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
@@ -385,20 +364,16 @@ impl Worker<'_> {
             if !lease.locally_valid() {
                 return Err(Stop::NotOwner(None));
             }
-            let link = match self.ctx.master.link(lease.ttl() / 3).await {
-                Ok(l) => l,
-                Err(e) => return Err(Stop::Unavailable(e.to_string())),
-            };
-            match call(link.conn.clone(), lease.clone()).await {
-                Ok(v) => return Ok((v, link.generation)),
-                Err(LedgerError::Fenced) => {
+            match call(lease.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(Failure::Fenced) => {
                     warn!(auction = %lease.auction(), token = lease.token(), what, "write refused by the fence: lease lost; stopping this auction's worker");
                     return Err(Stop::NotOwner(None));
                 }
-                Err(LedgerError::Redis(e)) => {
-                    self.ctx.master.report(link.generation, &e);
+                Err(Failure::Down(e)) => return Err(Stop::Unavailable(e)),
+                Err(Failure::Transient(e)) => {
                     if backoff.attempts() >= 5 {
-                        return Err(Stop::Unavailable(e.to_string()));
+                        return Err(Stop::Unavailable(e));
                     }
                     debug!(auction = %lease.auction(), what, error = %e, "retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -426,9 +401,11 @@ impl Worker<'_> {
             .collect();
         let bids = Arc::new(bids.to_vec());
         let (judged, generation) = self
-            .fenced("place bids", |mut conn, lease| {
+            .fenced("place bids", |lease| {
                 let bids = bids.clone();
-                async move { ledger::place_bids(&mut conn, &lease, &bids).await }
+                on_master(&self.ctx.master, lease, |mut conn, lease| async move {
+                    ledger::place_bids(&mut conn, &lease, &bids).await
+                })
             })
             .instrument(batch.clone())
             .await?;
@@ -460,41 +437,20 @@ impl Worker<'_> {
             }
             events.push(event);
         }
-        let published = self
-            .durable_then_publish(generation, &events)
-            .instrument(info_span!(parent: &batch, "wait_and_publish", events = events.len()))
-            .await;
-        if let Err(e) = published {
-            add(&self.ctx.metrics.bids_deferred, n);
-            warn!(error = %e, bids = n, "outcomes stored but not announced; bidders' retries will announce them");
-        }
+        // Hand the events over and go on: the announcer publishes them, in order, once a
+        // WAIT issued after this write succeeds, while this worker judges the next batch.
         self.ctx
-            .metrics
-            .processing_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .announcer
+            .announce(Announcement {
+                generation,
+                events,
+                outcomes: n,
+                started: Some(started),
+                span: batch,
+                done: None,
+            })
+            .await;
         Ok(())
-    }
-
-    /// Waits for replication of everything written so far, then publishes `events` in order.
-    async fn durable_then_publish(&self, generation: u64, events: &[Event]) -> Result<(), OpError> {
-        let mut attempt = 0;
-        loop {
-            match self.ctx.replication.wait(generation).await {
-                Ok(()) => break,
-                Err(crate::replication::NotDurable::Shortfall { .. }) if attempt < 3 => {
-                    attempt += 1
-                }
-                Err(e) => return Err(OpError::NotDurable(e.to_string())),
-            }
-        }
-        publish(
-            &self.ctx.master,
-            &self.ctx.event_channel,
-            events,
-            &self.ctx.metrics,
-        )
-        .await
-        .map_err(OpError::Unavailable)
     }
 
     async fn admin(&mut self, work: Work) -> Result<bool, Stop> {
@@ -503,9 +459,11 @@ impl Worker<'_> {
             Work::Open { spec, reply } => {
                 let spec = Arc::new(spec);
                 let result = self
-                    .fenced("open", |mut conn, lease| {
+                    .fenced("open", |lease| {
                         let spec = spec.clone();
-                        async move { ledger::open(&mut conn, &lease, &spec).await }
+                        on_master(&self.ctx.master, lease, |mut conn, lease| async move {
+                            ledger::open(&mut conn, &lease, &spec).await
+                        })
                     })
                     .await;
                 let (opened, generation) = match result {
@@ -519,7 +477,7 @@ impl Worker<'_> {
                     Some(event) => {
                         inc(&self.ctx.metrics.auctions_opened);
                         info!(auction = ?event.auction_id(), item = %spec.item, "auction opened");
-                        self.durable_then_publish(generation, std::slice::from_ref(&event))
+                        announce_one(self.ctx, generation, event.clone(), true)
                             .await
                             .map(|()| event)
                     }
@@ -530,9 +488,7 @@ impl Worker<'_> {
             }
             Work::Close { mode, reply } => {
                 let result = self
-                    .fenced("close", |mut conn, lease| async move {
-                        ledger::close(&mut conn, &lease, mode).await
-                    })
+                    .fenced("close", |lease| self.ctx.closes.close(lease, mode))
                     .await;
                 let (closed, generation) = match result {
                     Ok(v) => v,
@@ -543,22 +499,8 @@ impl Worker<'_> {
                         return Err(stop);
                     }
                 };
-                let (answer, done) = match &closed {
-                    Closed::Now(event) | Closed::Already(event) => {
-                        if matches!(closed, Closed::Now(_)) {
-                            inc(&self.ctx.metrics.auctions_closed);
-                            info!(auction = ?event.auction_id(), ?event, "auction closed");
-                        }
-                        // An earlier close may have been stored but never announced (its
-                        // server died): announcing again is harmless, subscribers dedupe by seq.
-                        let published = self
-                            .durable_then_publish(generation, std::slice::from_ref(event))
-                            .await;
-                        (published.map(|()| closed.clone()), true)
-                    }
-                    Closed::NotDue(_) => (Ok(closed.clone()), false),
-                    Closed::Unknown => (Err(OpError::NotFound), true),
-                };
+                let answer = announce_close(self.ctx, generation, closed, reply.is_some()).await;
+                let done = !matches!(answer, Ok(Closed::NotDue(_)));
                 if let Some(r) = reply {
                     let _ = r.send(answer);
                 }
@@ -602,6 +544,90 @@ impl Worker<'_> {
                     let _ = r.send(Err(OpError::NotFound));
                 }
             }
+        }
+    }
+}
+
+/// Counts, logs and announces the result of a close; returns what the caller is told.
+pub(crate) async fn announce_close(
+    ctx: &WorkerContext,
+    generation: u64,
+    closed: Closed,
+    wait: bool,
+) -> Result<Closed, OpError> {
+    match &closed {
+        Closed::Now(event) | Closed::Already(event) => {
+            if matches!(closed, Closed::Now(_)) {
+                inc(&ctx.metrics.auctions_closed);
+                debug!(auction = ?event.auction_id(), ?event, "auction closed");
+            }
+            // An earlier close may have been stored but never announced (its server died):
+            // announcing again is harmless, subscribers dedupe by seq.
+            announce_one(ctx, generation, event.clone(), wait).await?;
+            Ok(closed)
+        }
+        Closed::NotDue(_) => Ok(closed),
+        Closed::Unknown => Err(OpError::NotFound),
+        Closed::Held(_) => Err(OpError::Busy),
+    }
+}
+
+/// Announces `event` (after replicas acknowledged it) and, when `wait`, waits for that.
+async fn announce_one(
+    ctx: &WorkerContext,
+    generation: u64,
+    event: Event,
+    wait: bool,
+) -> Result<(), OpError> {
+    if !wait {
+        ctx.announcer
+            .announce(Announcement {
+                generation,
+                events: vec![event],
+                outcomes: 0,
+                started: None,
+                span: Span::none(),
+                done: None,
+            })
+            .await;
+        return Ok(());
+    }
+    ctx.announcer
+        .announce_and_wait(generation, vec![event])
+        .await
+        .map_err(|e| match e {
+            NotAnnounced::Failed(e) => OpError::Unavailable(e),
+            e => OpError::NotDurable(e.to_string()),
+        })
+}
+
+/// Why a fenced call failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The fence refused the write: the lease is lost.
+    Fenced,
+    /// No master link; stop and let the router retry later.
+    Down(String),
+    /// Redis failed (already reported to the master supervisor); worth a retry.
+    Transient(String),
+}
+
+/// Runs `call` on the current master link; returns its result and the link's generation.
+async fn on_master<T, F, Fut>(master: &Master, lease: Lease, call: F) -> Result<(T, u64), Failure>
+where
+    F: FnOnce(redis::aio::MultiplexedConnection, Lease) -> Fut,
+    Fut: std::future::Future<Output = Result<T, LedgerError>>,
+{
+    let link = master
+        .link(lease.ttl() / 3)
+        .await
+        .map_err(|e| Failure::Down(e.to_string()))?;
+    match call(link.conn.clone(), lease).await {
+        Ok(v) => Ok((v, link.generation)),
+        Err(LedgerError::Fenced) => Err(Failure::Fenced),
+        Err(LedgerError::Redis(e)) => {
+            master.report(link.generation, &e);
+            Err(Failure::Transient(e.to_string()))
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use auction::devstack::{DevStack, DevStackConfig};
 use auction::keyspace::AuctionId;
-use auction::ledger::{self, AuctionSpec, CloseMode, Closed, LedgerError};
+use auction::ledger::{self, AuctionSpec, CloseAs, CloseMode, Closed, LedgerError};
 use auction::lock::{self, Acquire, Lease};
 use auction::wire::{Bid, Event, RejectReason};
 use redis::aio::MultiplexedConnection;
@@ -204,9 +204,9 @@ async fn a_holder_whose_lease_expired_cannot_write_and_cannot_release_the_new_le
         Some(new.value()),
         "non-owner release changed nothing"
     );
-    let mut stale = old.clone();
+    let stale = old.clone();
     assert!(
-        !lock::renew(&mut conn, &mut stale).await.expect("renew"),
+        !lock::renew(&mut conn, &stale).await.expect("renew"),
         "non-owner renew fails"
     );
 
@@ -459,4 +459,89 @@ async fn bids_for_unknown_auctions_create_no_keys() {
         .await
         .expect("KEYS");
     assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn batched_renewals_releases_and_closes_answer_each_auction_under_its_own_lease() {
+    let stack = single().await;
+    let mut conn = master_conn(&stack).await;
+    let ttl = Duration::from_secs(10);
+    let ids: Vec<AuctionId> = ["held-by-us", "free", "held-by-other"]
+        .iter()
+        .map(|s| AuctionId::parse(s).expect("id"))
+        .collect();
+    let mut leases = Vec::new();
+    for id in &ids {
+        let lease = take(&mut conn, id, "us", ttl, false).await;
+        ledger::open(&mut conn, &lease, &spec())
+            .await
+            .expect("open")
+            .expect("opened");
+        leases.push(lease);
+    }
+    let (ours, freed, given) = (&leases[0], &leases[1], &leases[2]);
+    assert_eq!(
+        lock::release_many(&mut conn, &[freed.clone(), given.clone()])
+            .await
+            .expect("release"),
+        vec![true, true]
+    );
+    let other = take(&mut conn, &ids[2], "other", ttl, true).await;
+
+    // One call renews what is still ours and marks the rest lost, waking whoever waits.
+    assert_eq!(
+        lock::renew_many(&mut conn, &[ours.clone(), freed.clone()])
+            .await
+            .expect("renew"),
+        vec![true, false]
+    );
+    assert!(ours.locally_valid() && !freed.locally_valid());
+    tokio::time::timeout(Duration::from_secs(1), freed.lost())
+        .await
+        .expect("a lease found gone resolves lost()");
+
+    // One call closes: ours under our lease, the free one under a lease taken for the
+    // call, and leaves the one another server holds to it.
+    let results = ledger::close_many(
+        &mut conn,
+        &[
+            (CloseAs::Holder(ours.clone()), CloseMode::Now),
+            (CloseAs::Free(ids[1].clone()), CloseMode::Now),
+            (CloseAs::Free(ids[2].clone()), CloseMode::Now),
+        ],
+    )
+    .await
+    .expect("close_many");
+    assert!(matches!(results[0], Ok(Closed::Now(_))), "{:?}", results[0]);
+    assert!(matches!(results[1], Ok(Closed::Now(_))), "{:?}", results[1]);
+    assert!(
+        matches!(results[2], Ok(Closed::Held(d)) if d > Duration::ZERO),
+        "{:?}",
+        results[2]
+    );
+    let free_rec = ledger::get(&mut conn, &ids[1])
+        .await
+        .expect("get")
+        .expect("exists");
+    assert!(!free_rec.open);
+    assert!(
+        free_rec.fence > freed.token(),
+        "a close under a free lease takes a fresh token ({} after {})",
+        free_rec.fence,
+        freed.token()
+    );
+    // The earlier holder is fenced out, and the next lease starts above the close's token.
+    let late = ledger::place_bids(&mut conn, freed, &[bid(&ids[1], "late", "x", 900)]).await;
+    assert!(matches!(late, Err(LedgerError::Fenced)), "{late:?}");
+    let next = take(&mut conn, &ids[1], "us", ttl, true).await;
+    assert!(next.token() > free_rec.fence);
+    // The other server's auction is untouched and still its own.
+    assert!(
+        ledger::get(&mut conn, &ids[2])
+            .await
+            .expect("get")
+            .expect("exists")
+            .open
+    );
+    assert!(lock::renew(&mut conn, &other).await.expect("renew"));
 }

@@ -1,10 +1,23 @@
 -- Fence check, prepended to every script that writes auction state.
--- Convention: KEYS[1] = auction state hash, KEYS[2] = lock key,
---             ARGV[1] = the caller's lock value (OWNER#TOKEN), ARGV[2] = its token.
--- The write goes ahead only if the caller still holds the lock *now*, inside Redis, and
--- its token is not older than the last token that wrote this auction. A holder paused past
--- its lease, or one whose lock vanished in a failover, is refused here.
+-- fence_ok(state hash, lock key, the caller's lock value OWNER#TOKEN, its token[, the
+-- auction's fence if already read]): the write
+-- may go ahead only if the caller still holds the lock *now*, inside Redis, and its token is
+-- not older than the last token that wrote this auction. A holder paused past its lease, or
+-- one whose lock vanished in a failover, is refused here.
+-- Single-auction scripts follow the convention KEYS[1] = state hash, KEYS[2] = lock key,
+-- ARGV[1] = lock value, ARGV[2] = token, and start by checking it (see ledger.rs).
 local function fmt(n) return string.format('%.0f', n) end
-local token = tonumber(ARGV[2])
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {'fenced'} end
-if token < tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') then return {'fenced'} end
+local function fence_ok(state_key, lock_key, value, token, fence)
+  if redis.call('GET', lock_key) ~= value then return false end
+  fence = fence or tonumber(redis.call('HGET', state_key, 'fence') or '0')
+  return tonumber(token) >= fence
+end
+-- The next fencing token for an auction: above every token ever handed out (the counter)
+-- and every token that ever wrote it (the state's fence), even if the counter was lost,
+-- e.g. not yet replicated when a failover happened.
+-- The auction's fence may be passed when already read.
+local function next_token(state_key, counter_key, fence)
+  local counter = tonumber(redis.call('GET', counter_key) or '0')
+  fence = fence or tonumber(redis.call('HGET', state_key, 'fence') or '0')
+  return fmt(math.max(counter, fence) + 1)
+end

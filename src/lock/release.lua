@@ -1,6 +1,12 @@
--- Release a lease, only if the caller still owns it (compare-and-delete).
--- KEYS[1] lock key; ARGV[1] lock value (OWNER#TOKEN). Returns 1 or 0.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+-- Release leases, each only if the caller still owns it (compare-and-delete).
+-- KEYS[i] lock key; ARGV[i] its lock value (OWNER#TOKEN).
+-- Returns one 1 (released) or 0 (not ours) per lease.
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    out[i] = redis.call('DEL', KEYS[i])
+  else
+    out[i] = 0
+  end
 end
-return 0
+return out

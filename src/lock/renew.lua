@@ -1,7 +1,13 @@
--- Renew a lease, only if the caller still owns it (compare-and-expire).
--- KEYS[1] lock key; ARGV[1] lock value (OWNER#TOKEN); ARGV[2] lease in ms. Returns 1 or 0.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+-- Renew leases, each only if the caller still owns it (compare-and-expire).
+-- KEYS[i] lock key; ARGV[2i-1] its lock value (OWNER#TOKEN), ARGV[2i] lease in ms.
+-- Returns one 1 (renewed) or 0 (not ours any more) per lease.
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[2 * i - 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2 * i])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-return 0
+return out
