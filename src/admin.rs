@@ -410,7 +410,7 @@ impl AdminService {
                 "auction {id} is already closed"
             )));
         }
-        let mut events = self.hub.subscribe();
+        let mut events = self.hub.subscribe().await;
         let until = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         loop {
             match self.router.close(id.clone(), CloseMode::Now).await {
@@ -569,7 +569,7 @@ impl AdminService {
     ) -> Result<Response<WatchStream>, Status> {
         let id = parse_id(&req.get_ref().auction_id)?;
         // Listen before reading the snapshot, so no event falls between the two.
-        let events = self.hub.subscribe();
+        let events = self.hub.subscribe().await;
         let snapshot = self.read(&id).await?;
         let (tx, rx) = mpsc::channel(64);
         let service = self.clone();

@@ -25,7 +25,7 @@ use crate::proto::v1::auction_admin_client::AuctionAdminClient;
 use crate::sentinel::{Master, Settings};
 use crate::subscription::Subscription;
 use crate::task::TaskGuard;
-use crate::wire::{self, Bid, Event};
+use crate::wire::{self, Bid, Event, RejectReason};
 
 /// Bidder configuration (flags with environment fallbacks).
 #[derive(clap::Args, Clone, Debug)]
@@ -540,6 +540,18 @@ fn adopt(
 /// Updates the tracked auction from one of its events.
 fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary, metrics: &Metrics) {
     let (bid_id, outcome) = match event {
+        // Not judged: the server shed it under overload. It stays pending and is published
+        // again (same bid_id) when its retry timer fires.
+        Event::BidRejected {
+            reason: RejectReason::Overloaded,
+            bid_id,
+            ..
+        } => {
+            if t.pending.as_ref().is_some_and(|p| p.bid.bid_id == *bid_id) {
+                debug!(bid_id, "the server is saturated; this bid will be retried");
+            }
+            return;
+        }
         Event::BidAccepted {
             bid_id,
             bidder,

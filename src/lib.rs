@@ -9,6 +9,7 @@
 //! - [`lock`]: the per-auction lease with fencing tokens checked inside Redis.
 //! - [`ledger`]: auction state changed only by fenced Lua scripts.
 //! - [`announcer`]: `WAIT` as a group commit, then events published in order, pipelined.
+//! - [`lease_keeper`], [`close_batch`]: lease upkeep and closes, batched across auctions.
 //! - [`worker`], [`router`], [`closer`], [`server`]: the auction server.
 //! - [`bidder`]: the automatic bidder behind `auction-client`.
 //! - [`telemetry`]: logs and traces.

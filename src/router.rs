@@ -19,7 +19,7 @@ use crate::keyspace::AuctionId;
 use crate::ledger::{AuctionSpec, CloseMode, Closed};
 use crate::metrics::{add, inc};
 use crate::task::TaskGuard;
-use crate::wire::{Bid, Event};
+use crate::wire::{Bid, Event, RejectReason};
 use crate::worker::{self, Exit, OpError, Work, WorkerContext};
 
 /// Longest a note "another server owns this auction" is trusted before asking Redis again.
@@ -252,42 +252,64 @@ impl State {
     }
 
     /// Hands `work` to its auction's worker, starting one when there is none.
-    async fn route(&mut self, auction: AuctionId, mut work: Work) {
-        // Loop: a worker may have just exited (its queue closed); then start anew.
-        loop {
-            let now = Instant::now();
-            match self.slots.get_mut(&auction) {
-                Some(Slot::Worker { tx, .. }) => {
-                    let tx = tx.clone();
-                    match tx.send(work).await {
+    async fn route(&mut self, auction: AuctionId, work: Work) {
+        let now = Instant::now();
+        let work = match self.slots.get_mut(&auction) {
+            Some(Slot::Worker { tx, .. }) => {
+                let tx = tx.clone();
+                // A full queue means this auction's worker is saturated: a bid is shed at
+                // once (answered `overloaded`, the bidder retries it later) so that latency
+                // and memory stay bounded; admin work waits for room.
+                match tx.try_send(work) {
+                    Ok(()) => return,
+                    Err(mpsc::error::TrySendError::Full(Work::Bid(bid))) => {
+                        self.shed(bid);
+                        return;
+                    }
+                    Err(mpsc::error::TrySendError::Full(admin)) => match tx.send(admin).await {
                         Ok(()) => return,
-                        Err(mpsc::error::SendError(back)) => {
-                            work = back;
-                            self.slots.remove(&auction);
-                        }
-                    }
-                }
-                Some(Slot::Closing { queued }) => {
-                    queued.push(work);
-                    return;
-                }
-                Some(Slot::Busy { until, shadow })
-                    if now < *until && !matches!(work, Work::Open { .. }) =>
-                {
-                    match work {
-                        Work::Bid(bid) => shadow_push(shadow, bid, &self.ctx),
-                        other => reject(other, OpError::Busy),
-                    }
-                    return;
-                }
-                _ => {
-                    let must_exist = !matches!(work, Work::Open { .. });
-                    let tx = self.start_worker(&auction, must_exist).await;
-                    let _ = tx.send(work).await;
-                    return;
+                        Err(mpsc::error::SendError(back)) => back,
+                    },
+                    // The worker just exited (its queue closed): start anew below.
+                    Err(mpsc::error::TrySendError::Closed(back)) => back,
                 }
             }
-        }
+            Some(Slot::Closing { queued }) => {
+                queued.push(work);
+                return;
+            }
+            Some(Slot::Busy { until, shadow })
+                if now < *until && !matches!(work, Work::Open { .. }) =>
+            {
+                match work {
+                    Work::Bid(bid) => shadow_push(shadow, bid, &self.ctx),
+                    other => reject(other, OpError::Busy),
+                }
+                return;
+            }
+            _ => work,
+        };
+        let must_exist = !matches!(work, Work::Open { .. });
+        let tx = self.start_worker(&auction, must_exist).await;
+        let _ = tx.send(work).await;
+    }
+
+    /// Answers `bid` with `overloaded` instead of queueing it (best effort: if even the
+    /// answers back up, the bidder's retry timer covers it).
+    fn shed(&self, bid: Bid) {
+        self.ctx.metrics.rejected(RejectReason::Overloaded.as_str());
+        let event = Event::BidRejected {
+            auction_id: Some(bid.auction_id.to_string()),
+            seq: None,
+            bid_id: bid.bid_id,
+            bidder: Some(bid.bidder),
+            amount: Some(bid.amount),
+            reason: RejectReason::Overloaded,
+            detail: Some("the server is saturated; retry this bid later".into()),
+            next_min: None,
+            traceparent: None,
+        };
+        let _ = self.ctx.refusals.try_send(event);
     }
 
     /// Starts a worker for `auction`; bids kept while someone else held the lease go to it

@@ -166,12 +166,25 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     let (closes, _close_batcher) = crate::close_batch::CloseBatcher::start(master.clone());
     let (keeper, _lease_keeper) =
         crate::lease_keeper::LeaseKeeper::start(master.clone(), args.lock_lease / 3);
+    // State-independent refusals (malformed messages, bids shed under overload) are
+    // answered in batches, best effort.
+    let (reject_tx, reject_rx) = mpsc::channel(4096);
+    let _rejecter = TaskGuard::new(
+        "refusal answers",
+        tokio::spawn(answer_refusals(
+            master.clone(),
+            args.redis.event_channel.clone(),
+            metrics.clone(),
+            reject_rx,
+        )),
+    );
     let host = crate::host_name();
     let ctx = Arc::new(WorkerContext {
         master: master.clone(),
         announcer: announcer.clone(),
         closes,
         keeper,
+        refusals: reject_tx.clone(),
         owner: crate::lock::owner_id(&host),
         event_channel: args.redis.event_channel.clone(),
         settings: WorkerSettings {
@@ -183,16 +196,16 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     });
     info!(owner = %ctx.owner, sentinels = ?args.redis.sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(), "auction server starting");
     let (router, router_task) = Router::start(ctx.clone(), args.shutdown_grace);
-    let hub = Hub::new();
+    let hub = Hub::new(master.clone(), args.redis.event_channel.clone());
 
-    // One subscription for all three channels; intake dispatches by channel name.
+    // One subscription for bids and control messages; intake dispatches by channel name.
+    // (The event channel is subscribed by the hub, only while someone here listens.)
     let (msg_tx, mut msg_rx) = mpsc::channel(4096);
     let subscription = Subscription::start(
         master.clone(),
         vec![
             args.redis.command_channel.clone(),
             args.control_channel.clone(),
-            args.redis.event_channel.clone(),
         ],
         msg_tx,
     );
@@ -245,11 +258,6 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
             },
         )),
     );
-    let (reject_tx, reject_rx) = mpsc::channel(1024);
-    let _rejecter = TaskGuard::new(
-        "malformed-message answers",
-        tokio::spawn(answer_malformed(master.clone(), ctx.clone(), reject_rx)),
-    );
     let _opener = args.open_on_start_spec().map(|spec| {
         TaskGuard::new(
             "open on start",
@@ -263,15 +271,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
             _ = &mut shutdown => break,
             msg = msg_rx.recv() => {
                 let Some(msg) = msg else { break };
-                if msg.channel == args.redis.event_channel {
-                    if !hub.has_listeners() {
-                        continue;
-                    }
-                    match Event::from_json(&msg.payload) {
-                        Ok(event) => hub.publish(event),
-                        Err(e) => warn!(error = %e, "ignoring an undecodable event on the event channel"),
-                    }
-                } else if msg.channel == args.control_channel {
+                if msg.channel == args.control_channel {
                     match CloseRequest::from_json(&msg.payload) {
                         Ok(req) => router.close_now_detached(req.auction_id).await,
                         Err(e) => warn!(error = %e, payload = %truncate(&String::from_utf8_lossy(&msg.payload), 200), "refused a control-channel message"),
@@ -336,11 +336,16 @@ async fn intake(
     }
 }
 
-async fn answer_malformed(master: Master, ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Event>) {
+async fn answer_refusals(
+    master: Master,
+    channel: String,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Event>,
+) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        if let Err(e) = worker::publish(&master, &ctx.event_channel, &batch, &ctx.metrics).await {
-            warn!(error = %e, dropped = batch.len(), "could not answer malformed messages");
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        if let Err(e) = worker::publish(&master, &channel, &batch, &metrics).await {
+            warn!(error = %e, dropped = batch.len(), "could not answer refused messages; their senders retry");
         }
         batch.clear();
     }

@@ -286,6 +286,8 @@ pub enum RejectReason {
     BelowMinIncrement,
     /// The message did not decode; `detail` says why.
     Malformed,
+    /// The server is saturated and did not queue the bid; retry it (same `bid_id`) later.
+    Overloaded,
 }
 
 impl RejectReason {
@@ -299,6 +301,7 @@ impl RejectReason {
             RejectReason::EqualToHigh => "equal_to_high",
             RejectReason::BelowMinIncrement => "below_min_increment",
             RejectReason::Malformed => "malformed",
+            RejectReason::Overloaded => "overloaded",
         }
     }
 
@@ -312,6 +315,7 @@ impl RejectReason {
             "equal_to_high" => RejectReason::EqualToHigh,
             "below_min_increment" => RejectReason::BelowMinIncrement,
             "malformed" => RejectReason::Malformed,
+            "overloaded" => RejectReason::Overloaded,
             _ => return None,
         })
     }

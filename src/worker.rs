@@ -45,7 +45,7 @@ impl Default for WorkerSettings {
             lease: Duration::from_secs(5),
             idle_release: Duration::from_secs(10),
             max_batch: 256,
-            queue: 1024,
+            queue: 4096,
         }
     }
 }
@@ -60,6 +60,8 @@ pub struct WorkerContext {
     pub closes: CloseBatcher,
     /// Renews and releases leases, batched across auctions.
     pub keeper: LeaseKeeper,
+    /// State-independent refusals to announce (best effort, batched).
+    pub refusals: mpsc::Sender<Event>,
     /// This process's lock owner id.
     pub owner: String,
     /// Channel events are published on.
