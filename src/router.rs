@@ -298,17 +298,8 @@ impl State {
     /// answers back up, the bidder's retry timer covers it).
     fn shed(&self, bid: Bid) {
         self.ctx.metrics.rejected(RejectReason::Overloaded.as_str());
-        let event = Event::BidRejected {
-            auction_id: Some(bid.auction_id.to_string()),
-            seq: None,
-            bid_id: bid.bid_id,
-            bidder: Some(bid.bidder),
-            amount: Some(bid.amount),
-            reason: RejectReason::Overloaded,
-            detail: Some("the server is saturated; retry this bid later".into()),
-            next_min: None,
-            traceparent: None,
-        };
+        let detail = "the server is saturated; retry this bid later";
+        let event = Event::refusal(bid, RejectReason::Overloaded, Some(detail.into()));
         let _ = self.ctx.refusals.try_send(event);
     }
 

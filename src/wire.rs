@@ -489,6 +489,22 @@ impl Event {
         Ok(env.body)
     }
 
+    /// A refusal of `bid` that does not depend on the auction's state (no `seq`, not
+    /// stored): unknown auction, overload.
+    pub fn refusal(bid: Bid, reason: RejectReason, detail: Option<String>) -> Event {
+        Event::BidRejected {
+            auction_id: Some(bid.auction_id.to_string()),
+            seq: None,
+            bid_id: bid.bid_id,
+            bidder: Some(bid.bidder),
+            amount: Some(bid.amount),
+            reason,
+            detail,
+            next_min: None,
+            traceparent: None,
+        }
+    }
+
     /// The rejection event answering a message that failed to decode, when it named a bid.
     pub fn for_malformed(m: &Malformed) -> Option<Event> {
         Some(Event::BidRejected {

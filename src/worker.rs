@@ -516,27 +516,9 @@ impl Worker<'_> {
         match work {
             Work::Bid(bid) => {
                 self.ctx.metrics.rejected("unknown_auction");
-                let event = Event::BidRejected {
-                    auction_id: Some(bid.auction_id.to_string()),
-                    seq: None,
-                    bid_id: bid.bid_id,
-                    bidder: Some(bid.bidder),
-                    amount: Some(bid.amount),
-                    reason: crate::wire::RejectReason::UnknownAuction,
-                    detail: None,
-                    next_min: None,
-                    traceparent: None,
-                };
-                if let Err(e) = publish(
-                    &self.ctx.master,
-                    &self.ctx.event_channel,
-                    &[event],
-                    &self.ctx.metrics,
-                )
-                .await
-                {
-                    debug!(error = %e, "could not announce an unknown-auction rejection");
-                }
+                let reason = crate::wire::RejectReason::UnknownAuction;
+                // Answered with the other refusals, batched.
+                let _ = self.ctx.refusals.send(Event::refusal(bid, reason, None)).await;
             }
             Work::Open { reply, .. } => {
                 let _ = reply.send(Err(OpError::Unavailable("lease not acquired".into())));
