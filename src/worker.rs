@@ -518,7 +518,11 @@ impl Worker<'_> {
                 self.ctx.metrics.rejected("unknown_auction");
                 let reason = crate::wire::RejectReason::UnknownAuction;
                 // Answered with the other refusals, batched.
-                let _ = self.ctx.refusals.send(Event::refusal(bid, reason, None)).await;
+                let _ = self
+                    .ctx
+                    .refusals
+                    .send(Event::refusal(bid, reason, None))
+                    .await;
             }
             Work::Open { reply, .. } => {
                 let _ = reply.send(Err(OpError::Unavailable("lease not acquired".into())));
