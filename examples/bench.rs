@@ -1015,7 +1015,7 @@ async fn run_step(
     }
 
     // Bidders and their connections.
-    let conns = connect_bidders(ctx.master, cfg.bidders).await?;
+    let conns = connect_bid_conns(ctx.master, cfg.bidders).await?;
     let load_start = Instant::now() + Duration::from_millis(200);
     let window_start = load_start + cfg.warmup;
     let window_end = window_start + duration;
@@ -1378,36 +1378,88 @@ async fn open_auctions(
     Ok(deadlines)
 }
 
-async fn connect_bidders(master: &Master, n: usize) -> anyhow::Result<Vec<Conn>> {
+/// A dedicated connection to the master (for the probe).
+async fn dedicated_connection(master: &Master) -> anyhow::Result<MultiplexedConnection> {
     let link = master.link(Duration::from_secs(10)).await?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(5)));
-    let conns: Vec<anyhow::Result<Conn>> = futures_util::stream::iter(0..n)
-        .map(|_| {
-            let link = link.clone();
-            let config = config.clone();
-            async move {
-                let conn = link
-                    .client()
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                    .context("bidder connection to the master")?;
-                Ok(Conn {
-                    generation: link.generation,
-                    conn,
-                })
-            }
-        })
-        .buffer_unordered(CONNECT_CONCURRENCY)
-        .collect()
-        .await;
-    conns.into_iter().collect()
+    link.client()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("probe connection to the master")
 }
 
-struct Conn {
+/// A simulated bidder's own connection to the master, speaking RESP directly: one
+/// `PUBLISH` per round trip, as `redis-benchmark`'s clients do. (A redis-rs multiplexed
+/// connection per bidder adds a driver task, a channel hop and allocations per command;
+/// with 1,000 bidders that load generator used as much CPU as the Redis master, on the
+/// same 2 cores as the system under test.)
+struct BidConn {
     generation: u64,
-    conn: MultiplexedConnection,
+    io: tokio::io::BufReader<tokio::net::TcpStream>,
+    out: Vec<u8>,
+    line: Vec<u8>,
+}
+
+impl BidConn {
+    async fn connect(master: &Master) -> anyhow::Result<BidConn> {
+        let link = master.link(Duration::from_secs(10)).await?;
+        let addr = (link.addr.host.as_str(), link.addr.port);
+        let stream =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .context("bidder connection to the master timed out")?
+                .context("bidder connection to the master")?;
+        stream.set_nodelay(true)?;
+        Ok(BidConn {
+            generation: link.generation,
+            io: tokio::io::BufReader::new(stream),
+            out: Vec::with_capacity(512),
+            line: Vec::with_capacity(32),
+        })
+    }
+
+    /// `PUBLISH channel payload`; returns the number of receivers. Bounded by 5 s.
+    async fn publish(&mut self, channel: &str, payload: &[u8]) -> anyhow::Result<i64> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        fn bulk(out: &mut Vec<u8>, b: &[u8]) {
+            out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+            out.extend_from_slice(b);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.out.clear();
+        self.out.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
+        bulk(&mut self.out, channel.as_bytes());
+        bulk(&mut self.out, payload);
+        self.line.clear();
+        let round_trip = async {
+            self.io.get_mut().write_all(&self.out).await?;
+            self.io.read_until(b'\n', &mut self.line).await
+        };
+        let read = tokio::time::timeout(Duration::from_secs(5), round_trip)
+            .await
+            .context("PUBLISH timed out")??;
+        let reply = std::str::from_utf8(&self.line[..read])
+            .unwrap_or("")
+            .trim_end();
+        match reply.strip_prefix(':') {
+            Some(n) => Ok(n
+                .parse()
+                .with_context(|| format!("PUBLISH answered {reply:?}"))?),
+            None => Err(anyhow!("PUBLISH answered {reply:?}")),
+        }
+    }
+}
+
+async fn connect_bid_conns(master: &Master, n: usize) -> anyhow::Result<Vec<BidConn>> {
+    futures_util::stream::iter(0..n)
+        .map(|_| BidConn::connect(master))
+        .buffer_unordered(CONNECT_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
 }
 
 #[derive(Default)]
@@ -1438,7 +1490,7 @@ struct BidderLoad {
 }
 
 /// One simulated bidder: open loop on its share of the rate, or closed loop (flat out).
-async fn bidder(load: BidderLoad, mut conn: Conn) {
+async fn bidder(load: BidderLoad, mut conn: BidConn) {
     let name = format!("bench{}", load.bidder);
     let slot = &load.slots[load.bidder as usize];
     let mut n: u32 = 0;
@@ -1498,10 +1550,8 @@ async fn bidder(load: BidderLoad, mut conn: Conn) {
             amount,
             traceparent: None,
         };
-        let result = redis::cmd("PUBLISH")
-            .arg(DEFAULT_COMMAND_CHANNEL)
-            .arg(bid.to_json())
-            .query_async::<i64>(&mut conn.conn)
+        let result = conn
+            .publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())
             .await;
         match result {
             Ok(receivers) => {
@@ -1519,11 +1569,10 @@ async fn bidder(load: BidderLoad, mut conn: Conn) {
             Err(e) => {
                 // Not counted as published; reconnect through Sentinel (bounded).
                 load.counters.errors.fetch_add(1, Ordering::Relaxed);
-                load.master.report(conn.generation, &e);
+                tracing::debug!(error = %e, "bidder PUBLISH failed; reconnecting");
+                load.master.invalidate(conn.generation);
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Ok(mut c) = connect_bidders(&load.master, 1).await
-                    && let Some(c) = c.pop()
-                {
+                if let Ok(c) = BidConn::connect(&load.master).await {
                     conn = c;
                 }
             }
@@ -1752,10 +1801,7 @@ fn machine_busy_s(clk_tck: f64) -> f64 {
 
 /// PING and SET + WAIT round trips on a separate connection, every 10 ms until `end`.
 async fn probe(master: Master, replicas: u32, end: Instant) -> Probe {
-    let Ok(mut conns) = connect_bidders(&master, 1).await else {
-        return Probe::default();
-    };
-    let Some(mut c) = conns.pop() else {
+    let Ok(mut conn) = dedicated_connection(&master).await else {
         return Probe::default();
     };
     let (mut ping, mut wait) = (Vec::new(), Vec::new());
@@ -1766,7 +1812,7 @@ async fn probe(master: Master, replicas: u32, end: Instant) -> Probe {
         }
         let t = Instant::now();
         if redis::cmd("PING")
-            .query_async::<String>(&mut c.conn)
+            .query_async::<String>(&mut conn)
             .await
             .is_ok()
         {
@@ -1775,13 +1821,13 @@ async fn probe(master: Master, replicas: u32, end: Instant) -> Probe {
         let _ = redis::cmd("SET")
             .arg("bench:probe")
             .arg(i)
-            .query_async::<()>(&mut c.conn)
+            .query_async::<()>(&mut conn)
             .await;
         let t = Instant::now();
         if redis::cmd("WAIT")
             .arg(replicas)
             .arg(1000)
-            .query_async::<i64>(&mut c.conn)
+            .query_async::<i64>(&mut conn)
             .await
             .is_ok()
         {

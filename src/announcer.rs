@@ -7,9 +7,13 @@
 //! requests are served strictly first in, first out, so one auction's events leave in
 //! `seq` order, and a request is published only after a `WAIT` issued after its write.
 //!
-//! `WAIT` covers every write made earlier on the same connection, and all writers share one
-//! multiplexed connection per master generation, so one `WAIT` vouches for every request
-//! queued while the previous one was in flight. A request made against an older generation
+//! `WAIT` blocks the connection it is sent on, so it does not go on the multiplexed
+//! connection the scripts use (that would hold the next batch's script behind it). The
+//! announcer has its own connection per master generation and, right before each `WAIT`,
+//! writes a marker key there ([`keyspace::COMMIT_MARKER`]): the replication offset is
+//! global, so a `WAIT` covering the marker covers every write whose reply arrived before
+//! the marker was sent — everything handed over so far. One `WAIT` thus vouches for every
+//! request queued while the previous one was in flight. A request made against an older generation
 //! (the master changed since the write) cannot be vouched for by a `WAIT` on the new
 //! connection and is not announced; the bidder's retry (same `bid_id`) gets the stored
 //! outcome announced later. The same holds when replicas fall short after a few tries.
@@ -17,9 +21,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Span, debug, info_span, warn};
 
+use crate::keyspace;
 use crate::metrics::{Metrics, add};
 use crate::sentinel::Master;
 use crate::task::TaskGuard;
@@ -89,6 +95,7 @@ impl Announcer {
                 replicas,
                 wait_timeout,
                 metrics,
+                commit: None,
             }
             .run(rx),
         );
@@ -146,10 +153,12 @@ struct Task {
     replicas: u32,
     wait_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// This task's own connection, and the master generation it belongs to.
+    commit: Option<(u64, MultiplexedConnection)>,
 }
 
 impl Task {
-    async fn run(self, mut rx: mpsc::Receiver<Announcement>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Announcement>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
         while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
             let spans: Vec<Span> = group
@@ -190,14 +199,41 @@ impl Task {
     /// Makes the group durable and publishes it. Returns the generation it served (requests
     /// of any other generation are stale) and the result for those requests.
     async fn durable_then_publish(
-        &self,
+        &mut self,
         group: &[Announcement],
     ) -> (Option<u64>, Result<(), NotAnnounced>) {
         let Some(link) = self.master.current() else {
             return (None, Err(NotAnnounced::MasterChanged));
         };
         let generation = link.generation;
-        let result = self.on_link(group, generation, link.conn.clone()).await;
+        let conn = match &self.commit {
+            Some((g, conn)) if *g == generation => conn.clone(),
+            _ => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(Some(self.wait_timeout + Duration::from_secs(2)));
+                match link
+                    .client()
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                {
+                    Ok(conn) => {
+                        self.commit = Some((generation, conn.clone()));
+                        conn
+                    }
+                    Err(e) => {
+                        self.master.report(generation, &e);
+                        let e = NotAnnounced::Failed(format!("group-commit connection: {e}"));
+                        return (Some(generation), Err(e));
+                    }
+                }
+            }
+        };
+        let result = self.on_link(group, generation, conn).await;
+        if let Err(NotAnnounced::Failed(_)) = result {
+            // Reconnect next time rather than reuse a connection that failed.
+            self.commit = None;
+        }
         (Some(generation), result)
     }
 
@@ -205,16 +241,24 @@ impl Task {
         &self,
         group: &[Announcement],
         generation: u64,
-        mut conn: redis::aio::MultiplexedConnection,
+        mut conn: MultiplexedConnection,
     ) -> Result<(), NotAnnounced> {
         if self.replicas > 0 {
             let mut attempt = 1;
             loop {
-                let result = redis::cmd("WAIT")
+                let result = redis::pipe()
+                    .cmd("SET")
+                    .arg(keyspace::COMMIT_MARKER)
+                    .arg(generation)
+                    .arg("PX")
+                    .arg(60_000)
+                    .ignore()
+                    .cmd("WAIT")
                     .arg(self.replicas)
                     .arg(self.wait_timeout.as_millis() as u64)
-                    .query_async::<u32>(&mut conn)
-                    .await;
+                    .query_async::<(u32,)>(&mut conn)
+                    .await
+                    .map(|(acked,)| acked);
                 match result {
                     Ok(acked) if acked >= self.replicas => break,
                     Ok(acked) => {
