@@ -7,13 +7,9 @@
 //! requests are served strictly first in, first out, so one auction's events leave in
 //! `seq` order, and a request is published only after a `WAIT` issued after its write.
 //!
-//! `WAIT` blocks the connection it is sent on, so it does not go on the multiplexed
-//! connection the scripts use (that would hold the next batch's script behind it). The
-//! announcer has its own connection per master generation and, right before each `WAIT`,
-//! writes a marker key there ([`keyspace::COMMIT_MARKER`]): the replication offset is
-//! global, so a `WAIT` covering the marker covers every write whose reply arrived before
-//! the marker was sent — everything handed over so far. One `WAIT` thus vouches for every
-//! request queued while the previous one was in flight. A request made against an older generation
+//! `WAIT` covers every write made earlier on the same connection, and all writers share one
+//! multiplexed connection per master generation, so one `WAIT` vouches for every request
+//! queued while the previous one was in flight. A request made against an older generation
 //! (the master changed since the write) cannot be vouched for by a `WAIT` on the new
 //! connection and is not announced; the bidder's retry (same `bid_id`) gets the stored
 //! outcome announced later. The same holds when replicas fall short after a few tries.
@@ -21,11 +17,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Span, debug, info_span, warn};
 
-use crate::keyspace;
 use crate::metrics::{Metrics, add};
 use crate::sentinel::Master;
 use crate::task::TaskGuard;
@@ -95,7 +89,6 @@ impl Announcer {
                 replicas,
                 wait_timeout,
                 metrics,
-                commit: None,
             }
             .run(rx),
         );
@@ -153,12 +146,10 @@ struct Task {
     replicas: u32,
     wait_timeout: Duration,
     metrics: Arc<Metrics>,
-    /// This task's own connection, and the master generation it belongs to.
-    commit: Option<(u64, MultiplexedConnection)>,
 }
 
 impl Task {
-    async fn run(mut self, mut rx: mpsc::Receiver<Announcement>) {
+    async fn run(self, mut rx: mpsc::Receiver<Announcement>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
         while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
             let spans: Vec<Span> = group
@@ -199,41 +190,14 @@ impl Task {
     /// Makes the group durable and publishes it. Returns the generation it served (requests
     /// of any other generation are stale) and the result for those requests.
     async fn durable_then_publish(
-        &mut self,
+        &self,
         group: &[Announcement],
     ) -> (Option<u64>, Result<(), NotAnnounced>) {
         let Some(link) = self.master.current() else {
             return (None, Err(NotAnnounced::MasterChanged));
         };
         let generation = link.generation;
-        let conn = match &self.commit {
-            Some((g, conn)) if *g == generation => conn.clone(),
-            _ => {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(1)))
-                    .set_response_timeout(Some(self.wait_timeout + Duration::from_secs(2)));
-                match link
-                    .client()
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                {
-                    Ok(conn) => {
-                        self.commit = Some((generation, conn.clone()));
-                        conn
-                    }
-                    Err(e) => {
-                        self.master.report(generation, &e);
-                        let e = NotAnnounced::Failed(format!("group-commit connection: {e}"));
-                        return (Some(generation), Err(e));
-                    }
-                }
-            }
-        };
-        let result = self.on_link(group, generation, conn).await;
-        if let Err(NotAnnounced::Failed(_)) = result {
-            // Reconnect next time rather than reuse a connection that failed.
-            self.commit = None;
-        }
+        let result = self.on_link(group, generation, link.conn.clone()).await;
         (Some(generation), result)
     }
 
@@ -241,24 +205,16 @@ impl Task {
         &self,
         group: &[Announcement],
         generation: u64,
-        mut conn: MultiplexedConnection,
+        mut conn: redis::aio::MultiplexedConnection,
     ) -> Result<(), NotAnnounced> {
         if self.replicas > 0 {
             let mut attempt = 1;
             loop {
-                let result = redis::pipe()
-                    .cmd("SET")
-                    .arg(keyspace::COMMIT_MARKER)
-                    .arg(generation)
-                    .arg("PX")
-                    .arg(60_000)
-                    .ignore()
-                    .cmd("WAIT")
+                let result = redis::cmd("WAIT")
                     .arg(self.replicas)
                     .arg(self.wait_timeout.as_millis() as u64)
-                    .query_async::<(u32,)>(&mut conn)
-                    .await
-                    .map(|(acked,)| acked);
+                    .query_async::<u32>(&mut conn)
+                    .await;
                 match result {
                     Ok(acked) if acked >= self.replicas => break,
                     Ok(acked) => {

@@ -12,11 +12,6 @@ pub const OPEN_AUCTIONS: &str = "auctions:open";
 /// Sorted set of every auction ever opened, scored by opening time (Redis ms).
 pub const ALL_AUCTIONS: &str = "auctions:all";
 
-/// Written (and left to expire) by each group commit just before its `WAIT`, on the
-/// announcer's own connection: see [`crate::announcer`]. The `.` keeps it apart from every
-/// auction's keys (ids never contain one).
-pub const COMMIT_MARKER: &str = "auction:{.commit}";
-
 /// Longest accepted auction id, in bytes.
 pub const MAX_AUCTION_ID_LEN: usize = 64;
 
