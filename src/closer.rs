@@ -1,9 +1,11 @@
 //! The closer: closes every auction whose deadline passed, by Redis time.
 //!
 //! Every server runs one. Each tick it reads Redis `TIME` and the due entries of
-//! `auctions:open`, and asks its router to close them; the close itself runs in the
-//! auction's worker under the lease, and the script re-checks the deadline against `TIME`,
-//! so several closers racing (or a closer racing an admin close) still close exactly once.
+//! `auctions:open`, and asks its router to close them; the close itself runs under the
+//! auction's lease (its worker's, or one taken and given back inside the script when nobody
+//! holds it; see [`crate::router`]), batched across auctions, and the script re-checks the
+//! deadline against `TIME`, so several closers racing (or a closer racing an admin close)
+//! still close exactly once.
 //! Between ticks it sleeps until the next deadline, capped so newly opened auctions and
 //! closes left unfinished by a crashed server are picked up promptly.
 

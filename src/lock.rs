@@ -4,9 +4,10 @@
 //! per-auction counter that only grows. Renew and release are compare-and-set scripts, so a
 //! holder can only extend or drop its own lease. The lease alone cannot stop a holder that
 //! was paused past its expiry from writing; the fence can: every script that writes auction
-//! state starts with [`FENCE_PRELUDE`], which refuses the write inside Redis unless the
-//! caller's exact lock value is still current and its token is not older than the last
-//! writer's.
+//! state includes [`FENCE_PRELUDE`] and checks each auction it writes with it, refusing the
+//! write inside Redis unless the caller's exact lock value is still current and its token
+//! is not older than the last writer's. Renew and release take many leases per call (see
+//! [`crate::lease_keeper`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};

@@ -1,10 +1,13 @@
 //! The router: hands each auction's work to that auction's single worker.
 //!
 //! Every server replica receives every bid (Pub/Sub fans out). The router keeps one slot
-//! per auction: a live worker (this server holds the lease), or a note that another server
-//! holds it until about when (its bids are left alone: that server judges them). The first
-//! piece of work for an auction with no slot starts a worker, which tries to take the
-//! lease. The slot map is owned by one task, so there is no lock to hold across `.await`.
+//! per auction: a live worker (this server holds the lease), a note that another server
+//! holds it until about when (its bids are left alone: that server judges them, and a
+//! bounded shadow is kept for a handover), or a deadline close in flight for an auction
+//! nobody held (work waits in the slot). The first piece of work for an auction with no
+//! slot starts a worker, which tries to take the lease. A bid for a worker whose queue is
+//! full is shed (`overloaded`) rather than waited for. The slot map is owned by one task,
+//! so there is no lock to hold across `.await`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

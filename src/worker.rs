@@ -1,12 +1,14 @@
 //! The auction worker: the one task in the whole system that mutates a given auction.
 //!
-//! A worker holds its auction's lease (see [`crate::lock`]), renews it while busy, and
-//! handles that auction's work strictly in arrival order: bids are judged in batches (one
-//! script call for everything queued), the batch is made durable with one group-commit
-//! `WAIT`, and only then are its events published, in `seq` order. Opening and closing go
-//! through the same queue, so they are serialized with bids. When the lease is lost the
-//! worker stops at once and drops what it queued (bidders retry); when it goes idle it
-//! finishes its queue, releases the lease and exits.
+//! A worker holds its auction's lease (see [`crate::lock`]; the [`crate::lease_keeper`]
+//! renews it) and handles that auction's work strictly in arrival order: bids are judged in
+//! batches (one script call for everything queued), and the events go to the
+//! [`crate::announcer`], which publishes them in `seq` order once a group-commit `WAIT`
+//! covers them; the worker meanwhile judges the next batch. Opening and closing go through
+//! the same queue, so they are serialized with bids (closes are batched across auctions by
+//! [`crate::close_batch`]). When the lease is lost the worker stops at once and hands back
+//! what it queued (the router keeps it for the next holder; bidders retry anyway); when it
+//! goes idle it finishes its queue, releases the lease and exits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -455,9 +457,9 @@ impl Worker<'_> {
         Ok(())
     }
 
-    async fn admin(&mut self, work: Work) -> Result<bool, Stop> {
+    async fn admin(&mut self, work: Work) -> Result<(), Stop> {
         match work {
-            Work::Bid(_) => Ok(false),
+            Work::Bid(_) => Ok(()),
             Work::Open { spec, reply } => {
                 let spec = Arc::new(spec);
                 let result = self
@@ -486,7 +488,7 @@ impl Worker<'_> {
                     None => Err(OpError::AlreadyExists),
                 };
                 let _ = reply.send(answer);
-                Ok(false)
+                Ok(())
             }
             Work::Close { mode, reply } => {
                 let result = self
@@ -502,11 +504,10 @@ impl Worker<'_> {
                     }
                 };
                 let answer = announce_close(self.ctx, generation, closed, reply.is_some()).await;
-                let done = !matches!(answer, Ok(Closed::NotDue(_)));
                 if let Some(r) = reply {
                     let _ = r.send(answer);
                 }
-                Ok(done)
+                Ok(())
             }
         }
     }
