@@ -3,9 +3,11 @@
 //!
 //! A worker judges a batch, hands its events here and goes straight on to its next batch;
 //! it never waits for replicas or for the publish round trip. That pipelines each auction's
-//! cycle (script N+1 runs while batch N is being acknowledged) without reordering anything:
-//! requests are served strictly first in, first out, so one auction's events leave in
-//! `seq` order, and a request is published only after a `WAIT` issued after its write.
+//! cycle (script N+1 is already sent while batch N is being acknowledged; Redis runs it as
+//! soon as that `WAIT`, which blocks the shared connection, returns) without reordering
+//! anything: requests are served strictly first in, first out, so one auction's events
+//! leave in `seq` order, and a request is published only after a `WAIT` issued after its
+//! write.
 //!
 //! `WAIT` covers every write made earlier on the same connection, and all writers share one
 //! multiplexed connection per master generation, so one `WAIT` vouches for every request
