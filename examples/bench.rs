@@ -1991,6 +1991,18 @@ fn thousands(n: usize) -> String {
     out
 }
 
+/// The closing figures of a step, as reported beside a closing target.
+fn closing_data(r: &StepResult) -> Value {
+    let c = &r.closing;
+    json!({
+        "step": r.step,
+        "deadline_spread_ms": c.deadline_spread_ms,
+        "closed_seen": c.closed_seen,
+        "auctions": c.auctions,
+        "lateness_ms": c.lateness_ms,
+    })
+}
+
 fn evaluate_targets(results: &[StepResult], rb: Option<&RedisBenchmark>) -> Vec<Target> {
     let mut out = Vec::new();
     let clean = |r: &&StepResult| r.lost == 0 && r.unconfirmed == 0;
@@ -2113,13 +2125,7 @@ fn evaluate_targets(results: &[StepResult], rb: Option<&RedisBenchmark>) -> Vec<
             ),
             pass: c.closed_seen == c.auctions && c.lateness_ms.max <= 100.0,
             informational: false,
-            data: Some(json!({
-                "step": r.step,
-                "deadline_spread_ms": c.deadline_spread_ms,
-                "closed_seen": c.closed_seen,
-                "auctions": c.auctions,
-                "lateness_ms": c.lateness_ms,
-            })),
+            data: Some(closing_data(r)),
         });
     }
     if let Some(r) = burst {
@@ -2153,14 +2159,11 @@ fn evaluate_targets(results: &[StepResult], rb: Option<&RedisBenchmark>) -> Vec<
             ),
             pass: false,
             informational: true,
-            data: Some(json!({
-                "step": r.step,
-                "deadline_spread_ms": c.deadline_spread_ms,
-                "closed_seen": c.closed_seen,
-                "auctions": c.auctions,
-                "lateness_ms": c.lateness_ms,
-                "closes_per_s": per_s,
-            })),
+            data: Some({
+                let mut data = closing_data(r);
+                data["closes_per_s"] = json!(per_s);
+                data
+            }),
         });
     }
     out

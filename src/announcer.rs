@@ -251,29 +251,77 @@ impl Task {
                 return Err(NotAnnounced::MasterChanged);
             }
         }
-        let mut pipe = redis::pipe();
-        let mut n = 0;
-        for a in group.iter().filter(|a| a.generation == generation) {
-            for e in &a.events {
-                pipe.cmd("PUBLISH")
-                    .arg(&self.channel)
-                    .arg(e.to_json())
-                    .ignore();
-                n += 1;
-            }
+        let events = group
+            .iter()
+            .filter(|a| a.generation == generation)
+            .flat_map(|a| &a.events);
+        publish_on(
+            &self.master,
+            generation,
+            conn,
+            &self.channel,
+            events,
+            &self.metrics,
+        )
+        .await
+        .map_err(|e| NotAnnounced::Failed(format!("PUBLISH: {e}")))
+    }
+}
+
+/// Publishes `events` now, in order, pipelined, on the current master, without waiting for
+/// replicas: for refusals, which store nothing.
+pub async fn publish(
+    master: &Master,
+    channel: &str,
+    events: &[Event],
+    metrics: &Metrics,
+) -> Result<(), String> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let link = master
+        .link(Duration::from_secs(1))
+        .await
+        .map_err(|e| e.to_string())?;
+    publish_on(
+        master,
+        link.generation,
+        link.conn.clone(),
+        channel,
+        events,
+        metrics,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Publishes `events` in order in one pipeline on `conn` (a link of `generation`), counts
+/// them, and reports a failure to the master supervisor.
+async fn publish_on<'a>(
+    master: &Master,
+    generation: u64,
+    mut conn: redis::aio::MultiplexedConnection,
+    channel: &str,
+    events: impl IntoIterator<Item = &'a Event>,
+    metrics: &Metrics,
+) -> Result<(), redis::RedisError> {
+    let mut pipe = redis::pipe();
+    let mut n = 0;
+    for e in events {
+        pipe.cmd("PUBLISH").arg(channel).arg(e.to_json()).ignore();
+        n += 1;
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    match pipe.query_async::<()>(&mut conn).await {
+        Ok(()) => {
+            add(&metrics.events_published, n);
+            Ok(())
         }
-        if n == 0 {
-            return Ok(());
-        }
-        match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => {
-                add(&self.metrics.events_published, n);
-                Ok(())
-            }
-            Err(e) => {
-                self.master.report(generation, &e);
-                Err(NotAnnounced::Failed(format!("PUBLISH: {e}")))
-            }
+        Err(e) => {
+            master.report(generation, &e);
+            Err(e)
         }
     }
 }

@@ -9,7 +9,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 use crate::keyspace::AuctionId;
-use crate::ledger::{self, CloseAs, CloseMode, Closed, LedgerError};
+use crate::ledger::{self, CloseAs, CloseMode, Closed};
 use crate::lock::Lease;
 use crate::sentinel::Master;
 use crate::task::TaskGuard;
@@ -107,20 +107,19 @@ async fn close_chunk(master: &Master, chunk: &[(CloseAs, CloseMode)]) -> Vec<Out
         Err(e) => return all(&|| Failure::Down(e.to_string())),
     };
     let mut conn = link.conn.clone();
+    let failure = |e| Failure::of(e, master, link.generation);
     match ledger::close_many(&mut conn, chunk).await {
         Ok(results) => results
             .into_iter()
-            .map(|result| match result {
-                Ok(closed) => Ok((closed, link.generation)),
-                Err(LedgerError::Fenced) => Err(Failure::Fenced),
-                Err(LedgerError::Redis(e)) => Err(Failure::Transient(e.to_string())),
+            .map(|result| {
+                result
+                    .map(|closed| (closed, link.generation))
+                    .map_err(failure)
             })
             .collect(),
         Err(e) => {
-            if let LedgerError::Redis(e) = &e {
-                master.report(link.generation, e);
-            }
-            all(&|| Failure::Transient(e.to_string()))
+            let f = failure(e);
+            all(&|| f.clone())
         }
     }
 }

@@ -286,7 +286,7 @@ impl State {
             {
                 match work {
                     Work::Bid(bid) => shadow_push(shadow, bid, &self.ctx),
-                    other => reject(other, OpError::Busy),
+                    other => other.refuse(OpError::Busy),
                 }
                 return;
             }
@@ -349,7 +349,7 @@ impl State {
                         reply: None,
                     };
                     // A worker that is just exiting refuses it; the closer asks again.
-                    let _ = tx.clone().send(close).await;
+                    let _ = tx.send(close).await;
                 }
                 // Its holder closes it; a close of ours is already in flight.
                 Some(Slot::Busy { until, .. }) if now < *until => {}
@@ -382,7 +382,7 @@ impl State {
             for work in queued {
                 match work {
                     Work::Bid(bid) => shadow_push(&mut shadow, bid, &self.ctx),
-                    other => reject(other, OpError::Busy),
+                    other => other.refuse(OpError::Busy),
                 }
             }
             let until = Instant::now() + d.min(MAX_BUSY_NOTE);
@@ -391,21 +391,6 @@ impl State {
         }
         for work in queued {
             self.route(f.auction.clone(), work).await;
-        }
-    }
-}
-
-/// Answers an admin request that will not run here.
-fn reject(work: Work, err: OpError) {
-    match work {
-        Work::Bid(_) => {}
-        Work::Open { reply, .. } => {
-            let _ = reply.send(Err(err));
-        }
-        Work::Close { reply, .. } => {
-            if let Some(r) = reply {
-                let _ = r.send(Err(err));
-            }
         }
     }
 }

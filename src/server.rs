@@ -29,7 +29,7 @@ use crate::sentinel::{Master, Settings};
 use crate::subscription::Subscription;
 use crate::task::TaskGuard;
 use crate::wire::{self, CloseRequest, Event};
-use crate::worker::{self, WorkerContext, WorkerSettings};
+use crate::worker::{WorkerContext, WorkerSettings};
 
 /// Default auction duration.
 pub const DEFAULT_AUCTION_DURATION: &str = "30s";
@@ -344,7 +344,7 @@ async fn answer_refusals(
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
-        if let Err(e) = worker::publish(&master, &channel, &batch, &metrics).await {
+        if let Err(e) = crate::announcer::publish(&master, &channel, &batch, &metrics).await {
             warn!(error = %e, dropped = batch.len(), "could not answer refused messages; their senders retry");
         }
         batch.clear();

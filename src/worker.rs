@@ -24,7 +24,7 @@ use crate::keyspace::AuctionId;
 use crate::lease_keeper::LeaseKeeper;
 use crate::ledger::{self, AuctionSpec, CloseMode, Closed, LedgerError};
 use crate::lock::{self, Acquire, Lease};
-use crate::metrics::{Metrics, add, inc};
+use crate::metrics::{Metrics, inc};
 use crate::sentinel::Master;
 use crate::wire::{Bid, Event};
 
@@ -115,6 +115,24 @@ pub enum Work {
     },
 }
 
+impl Work {
+    /// Answers an admin request that will not run with `err`; a bid needs no answer here
+    /// (it is handed on, or the bidder retries).
+    pub fn refuse(self, err: OpError) {
+        match self {
+            Work::Bid(_) => {}
+            Work::Open { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Work::Close { reply, .. } => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
 /// Sent to the router when a worker ends.
 #[derive(Debug)]
 pub struct Exit {
@@ -159,20 +177,9 @@ pub async fn run(
     // next lease holder (and bidders retry anyway, with the same bid_id, so nothing is
     // judged twice); admin callers get an error.
     while let Ok(work) = rx.try_recv() {
-        let err = match &stop {
-            Stop::Unavailable(e) => OpError::Unavailable(e.clone()),
-            _ => OpError::Busy,
-        };
         match work {
             Work::Bid(bid) => leftover.push(bid),
-            Work::Open { reply, .. } => {
-                let _ = reply.send(Err(err));
-            }
-            Work::Close { reply, .. } => {
-                if let Some(r) = reply {
-                    let _ = r.send(Err(err));
-                }
-            }
+            admin => admin.refuse(stop_error(&stop)),
         }
     }
     let _ = exits.send(Exit {
@@ -325,12 +332,12 @@ impl Worker<'_> {
             };
             if let Some((stop, admin)) = failed {
                 if let Some(admin) = admin {
-                    reject_admin(admin, &stop);
+                    admin.refuse(stop_error(&stop));
                 }
                 pending.extend(rest.filter_map(|w| match w {
                     Work::Bid(b) => Some(b),
                     admin => {
-                        reject_admin(admin, &stop);
+                        admin.refuse(stop_error(&stop));
                         None
                     }
                 }));
@@ -591,7 +598,7 @@ async fn announce_one(
 }
 
 /// Why a fenced call failed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Failure {
     /// The fence refused the write: the lease is lost.
     Fenced,
@@ -599,6 +606,20 @@ pub enum Failure {
     Down(String),
     /// Redis failed (already reported to the master supervisor); worth a retry.
     Transient(String),
+}
+
+impl Failure {
+    /// The failure a ledger error on the link of `generation` means; a Redis error is
+    /// reported to the master supervisor (which re-resolves if the master is gone).
+    pub fn of(e: LedgerError, master: &Master, generation: u64) -> Failure {
+        match e {
+            LedgerError::Fenced => Failure::Fenced,
+            LedgerError::Redis(e) => {
+                master.report(generation, &e);
+                Failure::Transient(e.to_string())
+            }
+        }
+    }
 }
 
 /// Runs `call` on the current master link; returns its result and the link's generation.
@@ -611,65 +632,15 @@ where
         .link(lease.ttl() / 3)
         .await
         .map_err(|e| Failure::Down(e.to_string()))?;
-    match call(link.conn.clone(), lease).await {
-        Ok(v) => Ok((v, link.generation)),
-        Err(LedgerError::Fenced) => Err(Failure::Fenced),
-        Err(LedgerError::Redis(e)) => {
-            master.report(link.generation, &e);
-            Err(Failure::Transient(e.to_string()))
-        }
-    }
-}
-
-/// Answers an admin request that cannot run because the worker is stopping.
-fn reject_admin(work: Work, stop: &Stop) {
-    match work {
-        Work::Bid(_) => {}
-        Work::Open { reply, .. } => {
-            let _ = reply.send(Err(stop_error(stop)));
-        }
-        Work::Close { reply, .. } => {
-            if let Some(r) = reply {
-                let _ = r.send(Err(stop_error(stop)));
-            }
-        }
-    }
+    call(link.conn.clone(), lease)
+        .await
+        .map(|v| (v, link.generation))
+        .map_err(|e| Failure::of(e, master, link.generation))
 }
 
 fn stop_error(stop: &Stop) -> OpError {
     match stop {
         Stop::Unavailable(e) => OpError::Unavailable(e.clone()),
         _ => OpError::Busy,
-    }
-}
-
-/// Publishes `events` in order, pipelined, on the current master.
-pub async fn publish(
-    master: &Master,
-    channel: &str,
-    events: &[Event],
-    metrics: &Metrics,
-) -> Result<(), String> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let link = master
-        .link(Duration::from_secs(1))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut pipe = redis::pipe();
-    for e in events {
-        pipe.cmd("PUBLISH").arg(channel).arg(e.to_json()).ignore();
-    }
-    let mut conn = link.conn.clone();
-    match pipe.query_async::<()>(&mut conn).await {
-        Ok(()) => {
-            add(&metrics.events_published, events.len() as u64);
-            Ok(())
-        }
-        Err(e) => {
-            master.report(link.generation, &e);
-            Err(e.to_string())
-        }
     }
 }
