@@ -186,35 +186,21 @@ pub async fn renew_many<C: ConnectionLike + Send>(
     conn: &mut C,
     leases: &[Lease],
 ) -> RedisResult<Vec<bool>> {
-    if leases.is_empty() {
-        return Ok(Vec::new());
-    }
     let sent = Instant::now();
-    let mut call = RENEW.prepare_invoke();
-    for lease in leases {
+    let oks = per_lease(conn, &RENEW, "renew", leases, |call, lease| {
         call.key(lease.auction().lock_key())
             .arg(lease.value())
             .arg(lease.ttl().as_millis() as u64);
+    })
+    .await?;
+    for (lease, &ok) in leases.iter().zip(&oks) {
+        if ok {
+            lease.renewed(sent);
+        } else {
+            lease.mark_lost();
+        }
     }
-    let oks: Vec<i64> = call.invoke_async(conn).await?;
-    if oks.len() != leases.len() {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::UnexpectedReturnType,
-            "renew answered the wrong number of results",
-        )));
-    }
-    Ok(leases
-        .iter()
-        .zip(oks)
-        .map(|(lease, ok)| {
-            if ok == 1 {
-                lease.renewed(sent);
-            } else {
-                lease.mark_lost();
-            }
-            ok == 1
-        })
-        .collect())
+    Ok(oks)
 }
 
 /// Releases the lease if we still own it; a non-owner's release changes nothing.
@@ -228,14 +214,36 @@ pub async fn release_many<C: ConnectionLike + Send>(
     conn: &mut C,
     leases: &[Lease],
 ) -> RedisResult<Vec<bool>> {
+    per_lease(conn, &RELEASE, "release", leases, |call, lease| {
+        call.key(lease.auction().lock_key()).arg(lease.value());
+    })
+    .await
+}
+
+/// Runs `script` once for all `leases` (`add` gives it each lease's keys and arguments);
+/// one answer per lease, in order: whether the script answered 1 for it.
+async fn per_lease<C: ConnectionLike + Send>(
+    conn: &mut C,
+    script: &Script,
+    what: &str,
+    leases: &[Lease],
+    add: impl Fn(&mut redis::ScriptInvocation<'_>, &Lease),
+) -> RedisResult<Vec<bool>> {
     if leases.is_empty() {
         return Ok(Vec::new());
     }
-    let mut call = RELEASE.prepare_invoke();
+    let mut call = script.prepare_invoke();
     for lease in leases {
-        call.key(lease.auction().lock_key()).arg(lease.value());
+        add(&mut call, lease);
     }
     let oks: Vec<i64> = call.invoke_async(conn).await?;
+    if oks.len() != leases.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "a lease script answered the wrong number of results",
+            format!("{what}: {} for {} leases", oks.len(), leases.len()),
+        )));
+    }
     Ok(oks.into_iter().map(|ok| ok == 1).collect())
 }
 
