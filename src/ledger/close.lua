@@ -34,8 +34,8 @@ local function close_one(state_key, lock_key, counter_key, value, token, id, mod
   if value == '' then
     if l[1] then return {'held', redis.call('PTTL', lock_key)} end
     -- A fresh token, as next_token hands out (the counter and the fence already read).
-    token = fmt(math.max(tonumber(l[2] or '0'), fence) + 1)
-  elseif l[1] ~= value or tonumber(token) < fence then
+    token = token_after(tonumber(l[2] or '0'), fence)
+  elseif l[1] ~= value or not token_current(token, fence) then
     -- fence_ok, with the lock and the fence already read.
     return {'fenced'}
   end

@@ -9,17 +9,22 @@
 -- Integers only (amounts are capped at 10^15, well inside a double's exact range); '%d'
 -- formats through a C long, several times cheaper than '%.0f'.
 local function fmt(n) return string.format('%d', n) end
+-- The fence rule: a token may write only if it is not older than the auction's fence (the
+-- last token that wrote it).
+local function token_current(token, fence) return tonumber(token) >= fence end
+-- A fresh token: above every token ever handed out (the counter) and every token that ever
+-- wrote the auction (its fence), even if the counter was lost, e.g. not yet replicated when
+-- a failover happened.
+local function token_after(counter, fence) return fmt(math.max(counter, fence) + 1) end
 local function fence_ok(state_key, lock_key, value, token, fence)
   if redis.call('GET', lock_key) ~= value then return false end
   fence = fence or tonumber(redis.call('HGET', state_key, 'fence') or '0')
-  return tonumber(token) >= fence
+  return token_current(token, fence)
 end
--- The next fencing token for an auction: above every token ever handed out (the counter)
--- and every token that ever wrote it (the state's fence), even if the counter was lost,
--- e.g. not yet replicated when a failover happened.
--- The auction's fence may be passed when already read.
+-- The next fencing token for an auction (see token_after); its fence may be passed when
+-- already read.
 local function next_token(state_key, counter_key, fence)
   local counter = tonumber(redis.call('GET', counter_key) or '0')
   fence = fence or tonumber(redis.call('HGET', state_key, 'fence') or '0')
-  return fmt(math.max(counter, fence) + 1)
+  return token_after(counter, fence)
 end
