@@ -239,19 +239,22 @@ impl State {
             return;
         }
         match exit.busy_for {
-            Some(d) => {
-                let mut shadow = VecDeque::new();
-                for bid in exit.leftover {
-                    shadow_push(&mut shadow, bid, &self.ctx);
-                }
-                let until = Instant::now() + d.min(MAX_BUSY_NOTE);
-                self.slots
-                    .insert(exit.auction, Slot::Busy { until, shadow });
-            }
+            Some(d) => self.note_busy(exit.auction, d, exit.leftover),
             None => {
                 self.slots.remove(&exit.auction);
             }
         }
+    }
+
+    /// Notes that another server holds `auction` for about `d`, keeping `bids` as the
+    /// shadow for a handover.
+    fn note_busy(&mut self, auction: AuctionId, d: Duration, bids: impl IntoIterator<Item = Bid>) {
+        let mut shadow = VecDeque::new();
+        for bid in bids {
+            shadow_push(&mut shadow, bid, &self.ctx);
+        }
+        let until = Instant::now() + d.min(MAX_BUSY_NOTE);
+        self.slots.insert(auction, Slot::Busy { until, shadow });
     }
 
     /// Hands `work` to its auction's worker, starting one when there is none.
@@ -284,9 +287,8 @@ impl State {
             Some(Slot::Busy { until, shadow })
                 if now < *until && !matches!(work, Work::Open { .. }) =>
             {
-                match work {
-                    Work::Bid(bid) => shadow_push(shadow, bid, &self.ctx),
-                    other => other.refuse(OpError::Busy),
+                if let Some(bid) = work.into_bid(OpError::Busy) {
+                    shadow_push(shadow, bid, &self.ctx);
                 }
                 return;
             }
@@ -378,15 +380,8 @@ impl State {
             return;
         };
         if let Some(d) = f.held {
-            let mut shadow = VecDeque::new();
-            for work in queued {
-                match work {
-                    Work::Bid(bid) => shadow_push(&mut shadow, bid, &self.ctx),
-                    other => other.refuse(OpError::Busy),
-                }
-            }
-            let until = Instant::now() + d.min(MAX_BUSY_NOTE);
-            self.slots.insert(f.auction, Slot::Busy { until, shadow });
+            let bids = queued.into_iter().filter_map(|w| w.into_bid(OpError::Busy));
+            self.note_busy(f.auction, d, bids);
             return;
         }
         for work in queued {

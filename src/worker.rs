@@ -131,6 +131,17 @@ impl Work {
             }
         }
     }
+
+    /// The bid, if this is one; admin work, which will not run, is answered with `err`.
+    pub fn into_bid(self, err: OpError) -> Option<Bid> {
+        match self {
+            Work::Bid(bid) => Some(bid),
+            admin => {
+                admin.refuse(err);
+                None
+            }
+        }
+    }
 }
 
 /// Sent to the router when a worker ends.
@@ -177,10 +188,7 @@ pub async fn run(
     // next lease holder (and bidders retry anyway, with the same bid_id, so nothing is
     // judged twice); admin callers get an error.
     while let Ok(work) = rx.try_recv() {
-        match work {
-            Work::Bid(bid) => leftover.push(bid),
-            admin => admin.refuse(stop_error(&stop)),
-        }
+        leftover.extend(work.into_bid(stop_error(&stop)));
     }
     let _ = exits.send(Exit {
         auction,
@@ -334,13 +342,7 @@ impl Worker<'_> {
                 if let Some(admin) = admin {
                     admin.refuse(stop_error(&stop));
                 }
-                pending.extend(rest.filter_map(|w| match w {
-                    Work::Bid(b) => Some(b),
-                    admin => {
-                        admin.refuse(stop_error(&stop));
-                        None
-                    }
-                }));
+                pending.extend(rest.filter_map(|w| w.into_bid(stop_error(&stop))));
                 return Err((stop, pending));
             }
         }
