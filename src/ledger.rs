@@ -200,17 +200,7 @@ fn decode_outcome(id: &AuctionId, bid: &Bid, line: &str) -> Option<Judged> {
     if kind == "x" {
         let reason = RejectReason::from_name(rest)?;
         return Some(Judged {
-            event: Event::BidRejected {
-                auction_id: Some(id.to_string()),
-                seq: None,
-                bid_id: bid.bid_id.clone(),
-                bidder: Some(bid.bidder.clone()),
-                amount: Some(bid.amount),
-                reason,
-                detail: None,
-                next_min: None,
-                traceparent: None,
-            },
+            event: Event::refusal(bid.clone(), reason, None),
             fresh: true,
         });
     }
