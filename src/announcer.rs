@@ -98,12 +98,11 @@ impl Announcer {
     }
 
     /// Queues `a`; waits only while the queue is full (backpressure on the workers).
-    pub async fn announce(&self, mut a: Announcement) {
-        if let Err(mpsc::error::SendError(back)) = self.tx.send(a).await {
-            a = back;
-            if let Some(done) = a.done.take() {
-                let _ = done.send(Err(stopped()));
-            }
+    pub async fn announce(&self, a: Announcement) {
+        if let Err(mpsc::error::SendError(a)) = self.tx.send(a).await
+            && let Some(done) = a.done
+        {
+            let _ = done.send(Err(stopped()));
         }
     }
 
