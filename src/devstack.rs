@@ -333,6 +333,24 @@ impl DevStack {
         })
     }
 
+    /// Waits until the master on `port` counts at least `min-replicas-to-write`
+    /// good replicas, so it accepts writes. Right after a failover the new
+    /// master refuses writes with `NOREPLICAS` until Sentinel has repointed a
+    /// surviving replica at it and that replica has synced.
+    pub async fn wait_writable(&self, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        let min_good = self.config.min_replicas_to_write as usize;
+        let creds = self.config.probe_credentials.clone();
+        poll_until(timeout, move || probe_master_online(port, creds.clone(), 0, min_good))
+            .await
+            .map_err(|last| {
+                anyhow!(
+                    "the master on port {port} did not count {min_good} good replica(s) within {timeout:?} \
+                     (last seen: {last})\n{}",
+                    self.logs()
+                )
+            })
+    }
+
     /// SIGKILLs data node `index` and reaps it, simulating a crash (no
     /// shutdown save, no goodbye to replicas or Sentinels).
     ///

@@ -102,6 +102,12 @@ async fn the_master_handle_and_subscriptions_follow_a_failover() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert!(second.generation > first.generation);
+        // The new master refuses writes (NOREPLICAS) until the surviving replica has
+        // been repointed at it and synced.
+        stack
+            .wait_writable(new_port, Duration::from_secs(30))
+            .await
+            .expect("new master accepts writes");
         let mut conn = second.conn.clone();
         let _: () = redis::cmd("SET")
             .arg("after-failover")
