@@ -137,6 +137,13 @@ struct Args {
     /// "perf record -e cpu-clock -g -p {pid} -o perf.data".
     #[arg(long)]
     attach: Option<String>,
+    /// Nice value given to the Redis master, in the redis-benchmark baseline and in every
+    /// step alike (0 = leave it). In production the master has a host or a core of its own;
+    /// here it shares two cores with the replicas, the server and the load generator, and
+    /// a master waiting for a core stalls every bid in flight. Needs root (CAP_SYS_NICE);
+    /// without it the run goes on at nice 0 and says so.
+    #[arg(long, default_value_t = -10, allow_negative_numbers = true)]
+    master_nice: i32,
     /// RUST_LOG of the server.
     #[arg(long, default_value = "info")]
     server_log: String,
@@ -294,6 +301,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .query_async::<()>(&mut c)
             .await?;
     }
+    let master_nice = set_nice(master_pid(&mut admin_conn).await, args.master_nice);
     eprintln!(
         "Redis up: master 127.0.0.1:{master_port}, replicas {:?}, Sentinels {}",
         &stack.redis_ports()[1..],
@@ -381,7 +389,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(subscriber);
 
     let targets = evaluate_targets(&results, rb.as_ref());
-    let table = markdown_table(&results, rb.as_ref());
+    let table = markdown_table(&results, rb.as_ref(), master_nice);
     println!();
     println!("{table}");
     if !targets.is_empty() {
@@ -393,6 +401,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "args": &args,
         "topology": {
             "master_port": master_port,
+            "master_nice": master_nice,
             "replicas": stack.redis_ports().len() - 1,
             "sentinels": stack.sentinel_addrs().len(),
         },
@@ -1571,10 +1580,9 @@ impl RespConn {
         }
     }
 
-    /// `PUBLISH channel payload` without waiting for its reply; returns the receiver count
-    /// of the previous `PUBLISH`, if one was unread. Bounded by 5 s.
-    async fn publish(&mut self, channel: &str, payload: &[u8]) -> anyhow::Result<Option<i64>> {
-        let previous = self.publish_reply().await?;
+    /// `PUBLISH channel payload` without waiting for its reply (read it with
+    /// [`RespConn::publish_reply`] before the next one). Bounded by 5 s.
+    async fn publish(&mut self, channel: &str, payload: &[u8]) -> anyhow::Result<()> {
         tokio::time::timeout(
             Duration::from_secs(5),
             self.write_command(&[b"PUBLISH", channel.as_bytes(), payload]),
@@ -1582,7 +1590,7 @@ impl RespConn {
         .await
         .context("PUBLISH timed out")??;
         self.unread_replies += 1;
-        Ok(previous)
+        Ok(())
     }
 
     /// The receiver count of an unread `PUBLISH` reply, if any. Bounded by 5 s.
@@ -1686,22 +1694,29 @@ async fn bidder(load: BidderLoad, mut conn: RespConn) {
                 }
             }
         }
-        let index = (load.next_auction.fetch_add(1, Ordering::Relaxed)
-            % load.auction_ids.len() as u64) as usize;
-        let amount = STARTING_PRICE + load.amounts[index].fetch_add(1, Ordering::Relaxed);
-        let sent = Instant::now();
-        let bid = Bid {
-            auction_id: load.auction_ids[index].clone(),
-            bid_id: bid_id(load.step, load.bidder, n, load.shared.us(sent)),
-            bidder: name.clone(),
-            amount,
-            traceparent: None,
-        };
-        let result = conn
-            .publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())
-            .await;
+        // The previous bid's reply first, and only then the amount: drawn before, a bid
+        // could wait out that reply's round trip and reach Redis behind higher amounts
+        // drawn after it, and be judged too low for the generator's own delay.
+        let result = async {
+            let previous = conn.publish_reply().await?;
+            let index = (load.next_auction.fetch_add(1, Ordering::Relaxed)
+                % load.auction_ids.len() as u64) as usize;
+            let amount = STARTING_PRICE + load.amounts[index].fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
+            let bid = Bid {
+                auction_id: load.auction_ids[index].clone(),
+                bid_id: bid_id(load.step, load.bidder, n, load.shared.us(sent)),
+                bidder: name.clone(),
+                amount,
+                traceparent: None,
+            };
+            conn.publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())
+                .await?;
+            anyhow::Ok((sent, previous))
+        }
+        .await;
         match result {
-            Ok(previous) => {
+            Ok((sent, previous)) => {
                 n += 1;
                 load.counters.published.fetch_add(1, Ordering::Relaxed);
                 if sent >= load.window_start {
@@ -1922,6 +1937,28 @@ async fn node_stats(stack: &DevStack, reset: bool) -> Vec<NodeSample> {
         out.push(sample);
     }
     out
+}
+
+/// Gives process `pid` the nice value `nice` (unless 0) and returns the value it has now,
+/// read back from /proc (None if unreadable). A refusal (not root) is a warning, not an error.
+fn set_nice(pid: u64, nice: i32) -> Option<i32> {
+    if nice != 0 {
+        let result = std::process::Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !matches!(result, Ok(s) if s.success()) {
+            eprintln!(
+                "warning: could not renice the Redis master (pid {pid}) to {nice}: it needs root or \
+                 CAP_SYS_NICE. Going on at nice 0; expect lower and noisier figures (README, Benchmarks)."
+            );
+        }
+    }
+    // Field 19 of /proc/PID/stat, counted after the parenthesised command name.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = stat.rsplit_once(')')?.1;
+    after_name.split_whitespace().nth(16)?.parse().ok()
 }
 
 async fn master_pid(conn: &mut MultiplexedConnection) -> u64 {
@@ -2333,7 +2370,11 @@ fn evaluate_targets(results: &[StepResult], rb: Option<&RedisBenchmark>) -> Vec<
     out
 }
 
-fn markdown_table(results: &[StepResult], rb: Option<&RedisBenchmark>) -> String {
+fn markdown_table(
+    results: &[StepResult],
+    rb: Option<&RedisBenchmark>,
+    master_nice: Option<i32>,
+) -> String {
     let mut s = String::new();
     if let Some(rb) = rb {
         s.push_str(&format!(
@@ -2341,6 +2382,10 @@ fn markdown_table(results: &[StepResult], rb: Option<&RedisBenchmark>) -> String
             rb.p1_rps, rb.p16_rps
         ));
     }
+    s.push_str(&match master_nice {
+        Some(0) | None => "The Redis master ran at nice 0, sharing the cores evenly with everything else.\n\n".to_owned(),
+        Some(n) => format!("The Redis master ran at nice {n} (`--master-nice`), in the baseline and in every step alike.\n\n"),
+    });
     s.push_str("| step | offered | bidders | auctions | WAIT | published/s | accepted/s | outcomes/s | × EVAL -P 1 | p50 ms | p99 ms | p99.9 ms | lost | unconf. | server CPU (cores) | server µs/accepted | peak RSS MB | Redis master CPU (cores) | WAIT probe p50/p99 ms | other load (cores) | close late p50/p99/max ms |\n");
     s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for r in results {
