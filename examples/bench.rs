@@ -1944,6 +1944,11 @@ async fn node_stats(stack: &DevStack, reset: bool) -> Vec<NodeSample> {
 /// Gives process `pid` the nice value `nice` (unless 0) and returns the value it has now,
 /// read back from /proc (None if unreadable). A refusal (not root) is a warning, not an error.
 fn set_nice(pid: u64, nice: i32) -> Option<i32> {
+    if pid == 0 {
+        // `renice -p 0` would renice the benchmark itself.
+        eprintln!("warning: INFO did not give the Redis master's pid; it stays at nice 0");
+        return None;
+    }
     if nice != 0 {
         let result = std::process::Command::new("renice")
             .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
