@@ -916,10 +916,21 @@ struct StepResult {
     /// Script calls (EVAL/EVALSHA) per outcome, from commandstats.
     script_calls_per_outcome: f64,
     /// `redis-benchmark` `EVAL -P 1` on the same master just before and just after this
-    /// step, for the steps that compete for the ratio target (flat out, one auction,
-    /// WAIT 1). This machine's speed drifts by ±15 % over minutes, so the ratio is taken
-    /// against the baseline measured beside the step, not minutes earlier.
+    /// step, for the steps that compete for the ratio target
+    /// ([`StepConfig::competes_for_ceiling`]). This machine's speed drifts by ±15 % over
+    /// minutes, so the ratio is taken against the baseline measured beside the step, not
+    /// minutes earlier.
     eval_p1_adjacent: Option<Adjacent>,
+}
+
+impl StepResult {
+    /// The `EVAL -P 1` rate this step's ratio divides by: the mean of its neighbouring runs
+    /// where they were measured, else the run's start (`run_start`).
+    fn eval_baseline(&self, run_start: f64) -> f64 {
+        self.eval_p1_adjacent
+            .as_ref()
+            .map_or(run_start, |a| a.mean_rps)
+    }
 }
 
 #[derive(Serialize, Clone)]
@@ -2229,30 +2240,22 @@ fn evaluate_targets(results: &[StepResult], rb: Option<&RedisBenchmark>) -> Vec<
         });
         if let Some(rb) = rb {
             // Each step against its own baseline: the neighbouring one where it was measured.
-            let baseline = |r: &StepResult| {
-                r.eval_p1_adjacent
-                    .as_ref()
-                    .map_or(rb.p1_rps, |a| a.mean_rps)
-            };
+            let ratio_of = |r: &StepResult| r.accepted_per_s / r.eval_baseline(rb.p1_rps);
             let b = results
                 .iter()
                 .filter(one_auction_w1)
                 .filter(clean)
-                .max_by(|x, y| {
-                    (x.accepted_per_s / baseline(x)).total_cmp(&(y.accepted_per_s / baseline(y)))
-                })
+                .max_by(|x, y| ratio_of(x).total_cmp(&ratio_of(y)))
                 .unwrap_or(b);
-            let (baseline, which) = match &b.eval_p1_adjacent {
-                Some(a) => (
-                    a.mean_rps,
-                    format!(
-                        "EVAL -P 1 mean of {:.0} just before and {:.0} just after step {}; {:.0} at the run's start",
-                        a.before_rps, a.after_rps, b.step, rb.p1_rps
-                    ),
+            let baseline = b.eval_baseline(rb.p1_rps);
+            let ratio = ratio_of(b);
+            let which = match &b.eval_p1_adjacent {
+                Some(a) => format!(
+                    "EVAL -P 1 mean of {:.0} just before and {:.0} just after step {}; {:.0} at the run's start",
+                    a.before_rps, a.after_rps, b.step, rb.p1_rps
                 ),
-                None => (rb.p1_rps, "EVAL -P 1 at the run's start".to_owned()),
+                None => "EVAL -P 1 at the run's start".to_owned(),
             };
-            let ratio = b.accepted_per_s / baseline;
             out.push(Target {
                 name: "ratio_to_eval",
                 goal: "≥ 0.3 × same-run redis-benchmark EVAL -P 1".into(),
@@ -2414,13 +2417,7 @@ fn markdown_table(
     for r in results {
         let window = r.config.duration.as_secs_f64();
         let ratio = rb
-            .map(|rb| {
-                let baseline = r
-                    .eval_p1_adjacent
-                    .as_ref()
-                    .map_or(rb.p1_rps, |a| a.mean_rps);
-                format!("{:.2}", r.accepted_per_s / baseline)
-            })
+            .map(|rb| format!("{:.2}", r.accepted_per_s / r.eval_baseline(rb.p1_rps)))
             .unwrap_or_else(|| "–".into());
         let c = &r.closing;
         s.push_str(&format!(
