@@ -17,7 +17,7 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let args = cli.bidder.clone();
-    auction::telemetry::main_of(
+    auction::runtime::process::main_of(
         "auction-client",
         cli.check_config,
         || cli.bidder.validate(),

@@ -18,7 +18,7 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let args = cli.server.clone();
-    auction::telemetry::main_of(
+    auction::runtime::process::main_of(
         "auction-server",
         cli.check_config,
         || cli.server.validate(),

@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use auction::config::{DEFAULT_COMMAND_CHANNEL, DEFAULT_EVENT_CHANNEL, RedisArgs};
-use auction::devstack::{DevStack, DevStackConfig, Process};
 use auction::keyspace::AuctionId;
+use auction::link::sentinel::{Master, Settings};
 use auction::proto::v1 as pb;
 use auction::proto::v1::auction_admin_client::AuctionAdminClient;
-use auction::sentinel::{Master, Settings};
+use auction::runtime::config::{DEFAULT_COMMAND_CHANNEL, DEFAULT_EVENT_CHANNEL, RedisArgs};
 use auction::wire::Bid;
+use auction_testkit::{DevStack, DevStackConfig, Process};
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
@@ -92,15 +92,15 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     window: u64,
     /// Measurement window.
-    #[arg(long, default_value = "8s", value_parser = auction::config::parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = auction::runtime::config::parse_duration)]
     #[serde(with = "secs")]
     duration: Duration,
     /// Load before the measurement window (not counted).
-    #[arg(long, default_value = "2s", value_parser = auction::config::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = auction::runtime::config::parse_duration)]
     #[serde(with = "secs")]
     warmup: Duration,
     /// After the load, how long to wait for outstanding outcomes before counting bids lost.
-    #[arg(long, default_value = "5s", value_parser = auction::config::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = auction::runtime::config::parse_duration)]
     #[serde(with = "secs")]
     drain: Duration,
     /// Passed to the server as WAIT_REPLICAS.
@@ -114,7 +114,7 @@ struct Args {
     )]
     rates: Vec<u64>,
     /// Gap between the end of the load and the common deadline of the step's auctions.
-    #[arg(long, default_value = "1500ms", value_parser = auction::config::parse_duration)]
+    #[arg(long, default_value = "1500ms", value_parser = auction::runtime::config::parse_duration)]
     #[serde(with = "secs")]
     close_margin: Duration,
     /// Spread the deadlines: auction i of n closes at `common deadline + spread × i / n`
@@ -154,7 +154,7 @@ struct Args {
     #[arg(long)]
     keep_logs: bool,
     /// Hard bound on the whole run; everything is stopped when it expires.
-    #[arg(long, default_value = "20m", value_parser = auction::config::parse_duration)]
+    #[arg(long, default_value = "20m", value_parser = auction::runtime::config::parse_duration)]
     #[serde(with = "secs")]
     max_time: Duration,
 }
@@ -1824,7 +1824,7 @@ async fn unconfirmed(
         let mut after = "-".to_owned();
         // Bounded: at most as many pages as the stream can hold at 10,000 per page.
         for _ in 0..10_000 {
-            let page = auction::ledger::history(conn, &id, &after, 10_000).await?;
+            let page = auction::store::ledger::history(conn, &id, &after, 10_000).await?;
             let Some((last, _)) = page.last() else { break };
             after = last.clone();
             for (_, e) in &page {

@@ -9,12 +9,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use auction::devstack::{DevStack, DevStackConfig, Process};
 use auction::proto::v1 as pb;
 use auction::proto::v1::auction_admin_client::AuctionAdminClient;
 use auction::wire::Event;
-use futures_util::StreamExt;
-use redis::IntoConnectionInfo;
+use auction_testkit::{DevStack, DevStackConfig, Process, Recorder, free_port};
 
 fn bin_dir() -> anyhow::Result<PathBuf> {
     // Examples live in target/<profile>/examples; the binaries one level up.
@@ -117,24 +115,12 @@ async fn main() -> anyhow::Result<()> {
         stack.sentinels_csv()
     );
 
-    let master_port = stack.current_master_port().await?;
-    let client = redis::Client::open(
-        redis::ConnectionAddr::Tcp("127.0.0.1".into(), master_port)
-            .into_connection_info()?
-            .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
-    )?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub
-        .subscribe(auction::config::DEFAULT_EVENT_CHANNEL)
-        .await?;
-    let mut events = pubsub.into_on_message();
+    let recorder = Recorder::start(&stack).await?;
 
     let server_bin = bins.join("auction-server").display().to_string();
     let client_bin = bins.join("auction-client").display().to_string();
     let sentinels = stack.sentinels_csv();
-    let grpc_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let grpc_port = free_port()?;
     let mut server = Process::spawn(
         stack.dir(),
         "auction-server",
@@ -174,27 +160,22 @@ async fn main() -> anyhow::Result<()> {
         stamp(),
         money(2000 + 300 * clients as u64)
     );
-    // Open the auction only once every bidder listens, so nobody misses the opening.
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let wait_until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let subs: Vec<(String, u64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(auction::config::DEFAULT_EVENT_CHANNEL)
-            .query_async(&mut conn)
-            .await?;
-        // The bidders and this demo's own tap (the server subscribes to events only while
-        // a Watch listens).
-        if subs.first().map(|s| s.1).unwrap_or(0) > clients as u64 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < wait_until,
-            "bidders did not subscribe within 30s; see logs in {}",
-            stack.dir().display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Open the auction only once every bidder listens, so nobody misses the opening: the
+    // bidders and this demo's recorder (the server subscribes to events only while a Watch
+    // listens).
+    stack
+        .wait_subscribers(
+            auction::runtime::config::DEFAULT_EVENT_CHANNEL,
+            clients as u64 + 1,
+            Duration::from_secs(30),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "bidders did not subscribe; see logs in {}",
+                stack.dir().display()
+            )
+        })?;
     let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
     let opened = admin
         .open_auction(pb::OpenAuctionRequest {
@@ -214,22 +195,19 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let deadline = Instant::now()
-        + auction::config::parse_duration(&duration).map_err(anyhow::Error::msg)?
+        + auction::runtime::config::parse_duration(&duration).map_err(anyhow::Error::msg)?
         + Duration::from_secs(60);
     let mut winner = None;
+    let mut seen = 0;
     while winner.is_none() {
-        let msg = tokio::time::timeout_at(deadline.into(), events.next())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "the auction did not close in time; logs in {}",
-                    stack.dir().display()
-                )
-            })?
-            .context("event subscription ended")?;
-        let Ok(event) = Event::from_json(msg.get_payload_bytes()) else {
-            continue;
-        };
+        let limit = deadline.saturating_duration_since(Instant::now());
+        let event = recorder.nth(seen, limit).await.with_context(|| {
+            format!(
+                "the auction did not close in time; logs in {}",
+                stack.dir().display()
+            )
+        })?;
+        seen += 1;
         println!(
             "{} seq {:>3}  {}",
             stamp(),

@@ -9,7 +9,7 @@ mod support;
 
 use std::time::Duration;
 
-use auction::devstack::{DevStack, DevStackConfig};
+use auction_testkit::{DevStack, DevStackConfig};
 use support::*;
 
 /// The users of the rendered manifests, with the example passwords of the Secret.

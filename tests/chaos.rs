@@ -13,93 +13,20 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use auction::config::{DEFAULT_COMMAND_CHANNEL, DEFAULT_EVENT_CHANNEL, RedisArgs};
-use auction::devstack::{DevStack, DevStackConfig};
 use auction::keyspace::AuctionId;
-use auction::ledger;
+use auction::link::sentinel::{Master, Settings};
 use auction::proto::v1 as pb;
 use auction::proto::v1::auction_admin_client::AuctionAdminClient;
-use auction::sentinel::{Master, Settings};
-use auction::subscription::Subscription;
-use auction::task::TaskGuard;
+use auction::runtime::config::{DEFAULT_COMMAND_CHANNEL, RedisArgs};
+use auction::runtime::task::TaskGuard;
+use auction::store::ledger;
 use auction::wire::{Bid, Event};
+use auction_testkit::{DevStack, DevStackConfig};
 use support::*;
-use tokio::sync::mpsc;
 
 const AUCTIONS: usize = 3;
 const AUCTION_SECONDS: i64 = 95;
 const LEASE: &str = "3s";
-
-/// Every event seen on the event channel (through failovers), with when it arrived.
-#[derive(Clone, Default)]
-struct Recorder {
-    events: Arc<Mutex<Vec<(Instant, Event)>>>,
-}
-
-impl Recorder {
-    fn start(master: Master) -> (Recorder, Subscription, TaskGuard) {
-        let rec = Recorder::default();
-        let (tx, mut rx) = mpsc::channel(65536);
-        let sub = Subscription::start(master, vec![DEFAULT_EVENT_CHANNEL.into()], tx);
-        let events = rec.events.clone();
-        let task = tokio::spawn(async move {
-            while let Some(msg) = rx.recv().await {
-                if let Ok(e) = Event::from_json(&msg.payload) {
-                    events.lock().expect("lock").push((Instant::now(), e));
-                }
-            }
-        });
-        (rec, sub, TaskGuard::new("recorder", task))
-    }
-
-    fn snapshot(&self) -> Vec<(Instant, Event)> {
-        self.events.lock().expect("lock").clone()
-    }
-
-    fn outcome_of(&self, bid_id: &str) -> bool {
-        self.events
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|(_, e)| e.bid_id() == Some(bid_id))
-    }
-
-    fn next_min(&self, auction: &str) -> Option<u64> {
-        self.events
-            .lock()
-            .expect("lock")
-            .iter()
-            .rev()
-            .find_map(|(_, e)| match e {
-                Event::BidAccepted {
-                    auction_id,
-                    next_min,
-                    ..
-                } if auction_id == auction => Some(*next_min),
-                _ => None,
-            })
-    }
-
-    /// First `bid_accepted` received after `t` (optionally only for some auctions).
-    fn first_accept_after(
-        &self,
-        t: Instant,
-        auctions: Option<&HashSet<String>>,
-    ) -> Option<Instant> {
-        self.events
-            .lock()
-            .expect("lock")
-            .iter()
-            .find_map(|(at, e)| match e {
-                Event::BidAccepted { auction_id, .. }
-                    if *at > t && auctions.is_none_or(|set| set.contains(auction_id)) =>
-                {
-                    Some(*at)
-                }
-                _ => None,
-            })
-    }
-}
 
 /// A bid a recording bidder sent, and whether it ever got an outcome.
 #[derive(Clone, Debug)]
@@ -288,7 +215,9 @@ async fn run() {
     let master = Master::start(Settings::from_args(
         &RedisArgs::local(&stack.sentinel_addrs()).expect("args"),
     ));
-    let (recorder, _rec_sub, _rec_task) = Recorder::start(master.clone());
+    let recorder = Recorder::on(master.clone())
+        .await
+        .expect("start the event recorder");
     let ports = [free_port(), free_port()];
     let server_env = |_: usize| vec![("LOCK_LEASE", LEASE.to_string())];
     let mut servers: Vec<Proc> = (0..2)
@@ -355,7 +284,7 @@ async fn run() {
         .collect();
     let started = Instant::now();
     let accepted_so_far = |r: &Recorder| {
-        r.snapshot()
+        r.timed()
             .iter()
             .filter(|(_, e)| matches!(e, Event::BidAccepted { .. }))
             .count()
@@ -555,7 +484,7 @@ async fn run() {
     }
 
     // --- The history checker ---------------------------------------------------------------
-    let events: Vec<Event> = recorder.snapshot().into_iter().map(|(_, e)| e).collect();
+    let events: Vec<Event> = recorder.timed().into_iter().map(|(_, e)| e).collect();
     let mut conn = master_conn(&stack).await;
     let mut lost = Vec::new();
     let mut total_accepted = 0usize;

@@ -5,9 +5,9 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use auction::config::{DEFAULT_COMMAND_CHANNEL, DEFAULT_EVENT_CHANNEL};
 use auction::keyspace::AuctionId;
-use auction::ledger;
+use auction::runtime::config::{DEFAULT_COMMAND_CHANNEL, DEFAULT_EVENT_CHANNEL};
+use auction::store::ledger;
 use auction::wire::{Event, RejectReason};
 use support::*;
 
@@ -23,8 +23,8 @@ async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
 /// Checks the stored auction against the events: winner = highest accepted bid, history
 /// holds every accepted bid exactly once, fences never go backwards.
 async fn check_consistency(
-    stack: &auction::devstack::DevStack,
-    tap: &Tap,
+    stack: &auction_testkit::DevStack,
+    tap: &Recorder,
     id: &str,
 ) -> ledger::AuctionRecord {
     let events = tap.events();
@@ -64,7 +64,7 @@ async fn check_consistency(
 async fn five_clients_one_auction_highest_bid_wins_and_everyone_sees_the_close() {
     bounded(async {
         let stack = stack().await;
-        let tap = Tap::start(&stack).await;
+        let tap = recorder(&stack).await;
         let fast = [
             ("BID_INTERVAL", "300ms".to_string()),
             ("MAX_BID", "5000".to_string()),
@@ -130,7 +130,7 @@ async fn five_clients_one_auction_highest_bid_wins_and_everyone_sees_the_close()
 async fn two_servers_five_clients_no_bid_accepted_twice() {
     bounded(async {
         let stack = stack().await;
-        let tap = Tap::start(&stack).await;
+        let tap = recorder(&stack).await;
         let fast = [
             ("BID_INTERVAL", "200ms".to_string()),
             ("BID_RETRY_AFTER", "500ms".to_string()),
@@ -218,8 +218,8 @@ fn bid_json(id: &str, bid_id: &str, amount: u64) -> String {
 }
 
 async fn one_open_auction(
-    stack: &auction::devstack::DevStack,
-    tap: &Tap,
+    stack: &auction_testkit::DevStack,
+    tap: &Recorder,
     duration: &str,
 ) -> (Proc, String) {
     let server = server(
@@ -241,7 +241,7 @@ async fn one_open_auction(
 async fn a_burst_of_2000_increasing_bids_is_accepted_completely_and_in_order() {
     bounded(async {
         let stack = stack().await;
-        let tap = Tap::start(&stack).await;
+        let tap = recorder(&stack).await;
         let (_server, id) = one_open_auction(&stack, &tap, "60s").await;
         let mut conn = master_conn(&stack).await;
         let mut pipe = redis::pipe();
@@ -282,7 +282,7 @@ async fn a_burst_of_2000_increasing_bids_is_accepted_completely_and_in_order() {
 async fn a_thousand_malformed_messages_never_stop_valid_bids() {
     bounded(async {
         let stack = stack().await;
-        let tap = Tap::start(&stack).await;
+        let tap = recorder(&stack).await;
         let (mut server, id) = one_open_auction(&stack, &tap, "60s").await;
         let mut conn = master_conn(&stack).await;
         let huge = "x".repeat(64 * 1024);

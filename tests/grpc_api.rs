@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use auction::config::DEFAULT_COMMAND_CHANNEL;
+use auction::runtime::config::DEFAULT_COMMAND_CHANNEL;
 use auction::wire::Event;
 use serde_json::Value;
 use support::*;
@@ -37,7 +37,7 @@ fn int(v: &Value) -> i64 {
 async fn grpcurl_drives_every_rpc_with_reflection_auth_and_precise_errors() {
     bounded(async {
         let stack = stack().await;
-        let tap = Tap::start(&stack).await;
+        let tap = recorder(&stack).await;
         let (guarded, open) = (free_port(), free_port());
         let _a = server(&stack, "server-auth", guarded, &[("ADMIN_TOKEN", TOKEN.into())]);
         let _b = server(&stack, "server-open", open, &[]);
@@ -276,7 +276,7 @@ async fn an_early_close_racing_bids_and_another_close_happens_exactly_once() {
     use pb::auction_admin_client::AuctionAdminClient;
     bounded(async {
         let stack = stack().await;
-        let tap = Tap::start(&stack).await;
+        let tap = recorder(&stack).await;
         let ports = [free_port(), free_port()];
         let _servers: Vec<Proc> = ports
             .iter()

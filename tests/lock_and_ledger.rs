@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use auction::devstack::{DevStack, DevStackConfig};
 use auction::keyspace::AuctionId;
-use auction::ledger::{self, AuctionSpec, CloseAs, CloseMode, Closed, LedgerError};
-use auction::lock::{self, Acquire, Lease};
+use auction::store::ledger::{self, AuctionSpec, CloseAs, CloseMode, Closed, LedgerError};
+use auction::store::lock::{self, Acquire, Lease};
 use auction::wire::{Bid, Event, RejectReason};
+use auction_testkit::{DevStack, DevStackConfig};
 use redis::aio::MultiplexedConnection;
 use support::master_conn;
 
@@ -93,7 +93,7 @@ async fn contenders_never_both_hold_the_lease_and_tokens_only_grow() {
         .await
         .expect("acquire")
     {
-        Acquire::Held(ttl) => assert!(ttl > Duration::from_secs(5)),
+        Acquire::HeldElsewhere(ttl) => assert!(ttl > Duration::from_secs(5)),
         other => panic!("b must not acquire while a holds it: {other:?}"),
     }
     assert!(lock::release(&mut conn, &a).await.expect("release"));
@@ -181,7 +181,7 @@ async fn a_holder_whose_lease_expired_cannot_write_and_cannot_release_the_new_le
         ledger::place_bids(&mut conn, &old, &[bid(&id, "x2", "old", 600)])
             .await
             .map(|_| ()),
-        ledger::close(&mut conn, &old, CloseMode::Now)
+        ledger::close(&mut conn, &old, CloseMode::Forced)
             .await
             .map(|_| ()),
     ] {
@@ -329,7 +329,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
             .expect("close"),
         Closed::NotDue(_)
     ));
-    let Closed::Now(closed) = ledger::close(&mut conn, &lease, CloseMode::Now)
+    let Closed::ByUs(closed) = ledger::close(&mut conn, &lease, CloseMode::Forced)
         .await
         .expect("close")
     else {
@@ -338,7 +338,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
     assert!(
         matches!(&closed, Event::AuctionClosed { winner: Some(w), amount: Some(110), seq: 8, bid_count: 2, .. } if w == "bob")
     );
-    let Closed::Already(again) = ledger::close(&mut conn, &lease, CloseMode::Now)
+    let Closed::Already(again) = ledger::close(&mut conn, &lease, CloseMode::Forced)
         .await
         .expect("close")
     else {
@@ -398,7 +398,7 @@ async fn the_deadline_is_judged_by_redis_time_and_the_reserve_decides_the_winner
         .expect("bid");
     // Wait until Redis's own clock passes the deadline (the only clock that counts).
     let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while auction::closer::redis_now_ms(&mut conn)
+    while auction::server::closer::redis_now_ms(&mut conn)
         .await
         .expect("TIME")
         < deadline_ms
@@ -424,7 +424,7 @@ async fn the_deadline_is_judged_by_redis_time_and_the_reserve_decides_the_winner
         "a bid after the deadline is rejected even before the close runs: {:?}",
         late[0].event
     );
-    let Closed::Now(closed) = ledger::close(&mut conn, &lease, CloseMode::Due)
+    let Closed::ByUs(closed) = ledger::close(&mut conn, &lease, CloseMode::Due)
         .await
         .expect("close")
     else {
@@ -505,17 +505,25 @@ async fn batched_renewals_releases_and_closes_answer_each_auction_under_its_own_
     let results = ledger::close_many(
         &mut conn,
         &[
-            (CloseAs::Holder(ours.clone()), CloseMode::Now),
-            (CloseAs::Free(ids[1].clone()), CloseMode::Now),
-            (CloseAs::Free(ids[2].clone()), CloseMode::Now),
+            (CloseAs::Holder(ours.clone()), CloseMode::Forced),
+            (CloseAs::Free(ids[1].clone()), CloseMode::Forced),
+            (CloseAs::Free(ids[2].clone()), CloseMode::Forced),
         ],
     )
     .await
     .expect("close_many");
-    assert!(matches!(results[0], Ok(Closed::Now(_))), "{:?}", results[0]);
-    assert!(matches!(results[1], Ok(Closed::Now(_))), "{:?}", results[1]);
     assert!(
-        matches!(results[2], Ok(Closed::Held(d)) if d > Duration::ZERO),
+        matches!(results[0], Ok(Closed::ByUs(_))),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(results[1], Ok(Closed::ByUs(_))),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Ok(Closed::HeldElsewhere(d)) if d > Duration::ZERO),
         "{:?}",
         results[2]
     );

@@ -296,12 +296,6 @@ fn start_redis_pod(
     Proc::spawn(base, &pod.name, &command[0], &command[1..], &[])
 }
 
-fn info_field(info: &str, key: &str) -> Option<String> {
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_owned())
-}
-
 /// `SENTINEL MASTER name` as a map.
 fn sentinel_master(port: u16, admin: &str) -> Option<std::collections::HashMap<String, String>> {
     let mut conn = deploy::try_connect_as(port, Some(("admin", admin))).ok()?;
@@ -394,7 +388,7 @@ async fn run_from_manifests(dir: &str) {
                 .lines()
                 .filter(|l| l.starts_with("slave") && l.contains("state=online"))
                 .count();
-            (info_field(&info, "role").as_deref() == Some("master") && online == nodes - 1)
+            (auction_testkit::info_field(&info, "role") == Some("master") && online == nodes - 1)
                 .then_some(())
         },
     )

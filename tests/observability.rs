@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use auction::config::DEFAULT_COMMAND_CHANNEL;
+use auction::runtime::config::DEFAULT_COMMAND_CHANNEL;
 use auction::wire::Event;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -86,7 +86,7 @@ async fn one_bid_is_one_trace_from_bidder_to_server_and_back() {
             .expect("bind");
         let otlp = format!("http://{}", listener.local_addr().expect("addr"));
         let service = TraceServiceServer::new(receiver.clone());
-        let _otlp_server = auction::task::TaskGuard::new(
+        let _otlp_server = auction::runtime::task::TaskGuard::new(
             "otlp receiver",
             tokio::spawn(async move {
                 let _ = tonic::transport::Server::builder()
@@ -109,7 +109,7 @@ async fn one_bid_is_one_trace_from_bidder_to_server_and_back() {
         let mut bidder = client(&stack, "bidder-traced", port, &client_env);
         wait_subscribers(
             &stack,
-            auction::config::DEFAULT_EVENT_CHANNEL,
+            auction::runtime::config::DEFAULT_EVENT_CHANNEL,
             1,
             Duration::from_secs(20),
         )
@@ -194,7 +194,7 @@ fn metric(text: &str, name: &str) -> f64 {
 async fn the_metrics_endpoint_counts_what_happened() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let stack = stack().await;
-        let tap = Tap::start(&stack).await;
+        let tap = recorder(&stack).await;
         let metrics_port = free_port();
         let _srv = server(
             &stack,

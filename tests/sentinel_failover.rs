@@ -4,14 +4,14 @@ mod support;
 
 use std::time::Duration;
 
-use auction::config::HostPort;
-use auction::sentinel::{self, Master, ResolveError, Settings};
-use auction::subscription::Subscription;
+use auction::link::sentinel::{self, Master, ResolveError, Settings};
+use auction::link::subscription::Subscription;
+use auction::runtime::config::HostPort;
 use support::*;
 use tokio::sync::mpsc;
 
 fn settings(sentinels: &[String], name: &str) -> Settings {
-    let mut args = auction::config::RedisArgs::local(sentinels).expect("addrs");
+    let mut args = auction::runtime::config::RedisArgs::local(sentinels).expect("addrs");
     args.master_name = name.into();
     Settings::from_args(&args)
 }

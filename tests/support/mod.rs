@@ -1,14 +1,13 @@
-//! Shared helpers for the integration tests: the real binaries as child processes, an
-//! event tap on the real event channel, and bounded waits.
+//! Shared helpers for the integration tests: the real binaries as child processes, the event
+//! recorder, and bounded waits (the processes themselves come from `auction-testkit`).
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use auction::devstack::{DevStack, DevStackConfig};
 use auction::wire::Event;
-use futures_util::StreamExt;
-use tokio::sync::Notify;
+use auction_testkit::{DevStack, DevStackConfig};
+pub use auction_testkit::{Recorder, eventually_every};
+use redis::IntoConnectionInfo;
 
 /// Starts the default topology: a master, 2 replicas, 3 Sentinels.
 pub async fn stack() -> DevStack {
@@ -17,17 +16,14 @@ pub async fn stack() -> DevStack {
         .expect("start the local Redis topology")
 }
 
-pub use auction::devstack::Process as Proc;
+pub use auction_testkit::Process as Proc;
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_auction-server");
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_auction-client");
 
 /// A free loopback port (for a server that clients must know before it starts).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    auction_testkit::free_port().expect("a free loopback port")
 }
 
 /// Starts an auction-server against `stack`, gRPC on `port`, with extra env.
@@ -77,123 +73,19 @@ pub async fn master_conn(stack: &DevStack) -> redis::aio::MultiplexedConnection 
         .expect("connect to master")
 }
 
-use redis::IntoConnectionInfo;
-
-/// Records every event on the event channel, in order.
-#[derive(Clone)]
-pub struct Tap {
-    events: Arc<Mutex<Vec<Event>>>,
-    notify: Arc<Notify>,
-    _task: Arc<auction::task::TaskGuard>,
-}
-
-impl Tap {
-    pub async fn start(stack: &DevStack) -> Tap {
-        let port = stack.current_master_port().await.expect("master port");
-        let mut pubsub = loopback_client(port)
-            .get_async_pubsub()
-            .await
-            .expect("pubsub");
-        pubsub
-            .subscribe(auction::config::DEFAULT_EVENT_CHANNEL)
-            .await
-            .expect("subscribe");
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let notify = Arc::new(Notify::new());
-        let (e, n) = (events.clone(), notify.clone());
-        let task = tokio::spawn(async move {
-            let mut stream = pubsub.into_on_message();
-            while let Some(msg) = stream.next().await {
-                let payload = msg.get_payload_bytes();
-                match Event::from_json(payload) {
-                    Ok(ev) => e.lock().expect("lock").push(ev),
-                    Err(err) => eprintln!("tap: undecodable event: {err}"),
-                }
-                n.notify_waiters();
-            }
-        });
-        Tap {
-            events,
-            notify,
-            _task: Arc::new(auction::task::TaskGuard::new("tap", task)),
-        }
-    }
-
-    pub fn events(&self) -> Vec<Event> {
-        self.events.lock().expect("lock").clone()
-    }
-
-    /// Waits until `pred` holds over the events seen so far.
-    pub async fn wait_until<T>(
-        &self,
-        what: &str,
-        limit: Duration,
-        mut pred: impl FnMut(&[Event]) -> Option<T>,
-    ) -> T {
-        let until = tokio::time::Instant::now() + limit;
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(v) = pred(&self.events.lock().expect("lock")) {
-                return v;
-            }
-            if tokio::time::timeout_at(until, notified).await.is_err() {
-                let evs = self.events();
-                let tail: Vec<String> = evs.iter().rev().take(10).map(|e| e.to_json()).collect();
-                panic!(
-                    "timed out after {limit:?} waiting for {what}; {} events seen, last: {tail:#?}",
-                    evs.len()
-                );
-            }
-        }
-    }
-
-    /// Waits for the first `auction_opened` and returns its id.
-    pub async fn opened(&self, limit: Duration) -> String {
-        self.wait_until("auction_opened", limit, |evs| {
-            evs.iter().find_map(|e| match e {
-                Event::AuctionOpened { auction_id, .. } => Some(auction_id.clone()),
-                _ => None,
-            })
-        })
+/// Records every event from now on (the subscription is live when this returns).
+pub async fn recorder(stack: &DevStack) -> Recorder {
+    Recorder::start(stack)
         .await
-    }
-
-    /// Waits for the `auction_closed` of `id`.
-    pub async fn closed(&self, id: &str, limit: Duration) -> Event {
-        self.wait_until(&format!("auction_closed of {id}"), limit, |evs| {
-            evs.iter()
-                .find(|e| matches!(e, Event::AuctionClosed { auction_id, .. } if auction_id == id))
-                .cloned()
-        })
-        .await
-    }
+        .expect("start the event recorder")
 }
 
 /// Waits until `PUBSUB NUMSUB channel` reaches `n` (subscribers are ready).
 pub async fn wait_subscribers(stack: &DevStack, channel: &str, n: u64, limit: Duration) {
-    let mut conn = master_conn(stack).await;
-    let until = tokio::time::Instant::now() + limit;
-    loop {
-        let (_, count): (String, u64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(channel)
-            .query_async::<Vec<(String, u64)>>(&mut conn)
-            .await
-            .expect("PUBSUB NUMSUB")
-            .into_iter()
-            .next()
-            .expect("one channel");
-        if count >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out after {limit:?}: {count} of {n} subscribers on {channel}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stack
+        .wait_subscribers(channel, n, limit)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Events of one auction in arrival order.
@@ -303,18 +195,13 @@ pub async fn health(port: u16, service: &str) -> String {
 
 /// Polls health until it equals `want`, bounded.
 pub async fn wait_health(port: u16, service: &str, want: &str, limit: Duration) {
-    let until = tokio::time::Instant::now() + limit;
-    loop {
+    let what = format!("health of {service:?} on {port} to be {want}");
+    eventually_every(&what, limit, Duration::from_millis(200), || async {
         let got = health(port, service).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "health of {service:?} on {port} is {got:?}, wanted {want} within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        if got == want { Ok(()) } else { Err(got) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Asserts what every stored history must satisfy: no `bid_id` accepted twice, fencing
@@ -322,7 +209,7 @@ pub async fn wait_health(port: u16, service: &str, want: &str, limit: Duration) 
 /// Returns the fences in history order.
 pub fn assert_history_sound(
     id: &str,
-    history: &[(String, auction::ledger::HistoryEntry)],
+    history: &[(String, auction::store::ledger::HistoryEntry)],
 ) -> Vec<u64> {
     let mut seen = std::collections::HashSet::new();
     for (_, h) in history {

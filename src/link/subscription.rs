@@ -2,7 +2,7 @@
 //!
 //! A subscription on a demoted master stays open and silently receives nothing, and one on
 //! a dead master just ends; neither tells the caller. This task therefore re-subscribes on
-//! every master change (new [`Link`](crate::sentinel::Link) generation), on stream end, and
+//! every master change (new [`Link`](crate::link::sentinel::Link) generation), on stream end, and
 //! when a periodic `PING` goes unanswered, and reports whether it is live right now so that
 //! health checks can say so. Messages published while no subscription is live are lost
 //! (Pub/Sub is at-most-once): bidders retry unanswered bids, and subscribers resync on a
@@ -15,9 +15,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
-use crate::sentinel::Master;
-use crate::task::TaskGuard;
+use crate::link::sentinel::Master;
+use crate::runtime::backoff::Backoff;
+use crate::runtime::task::TaskGuard;
 
 /// One message received on a subscribed channel.
 #[derive(Debug, Clone)]

@@ -9,11 +9,11 @@
 use tokio::sync::{mpsc, oneshot};
 
 use crate::keyspace::AuctionId;
-use crate::ledger::{self, CloseAs, CloseMode, Closed};
-use crate::lock::Lease;
-use crate::sentinel::Master;
-use crate::task::TaskGuard;
-use crate::worker::Failure;
+use crate::link::sentinel::Master;
+use crate::runtime::task::TaskGuard;
+use crate::server::work::Failure;
+use crate::store::ledger::{self, CloseAs, CloseMode, Closed};
+use crate::store::lock::Lease;
 
 /// Most auctions closed by one script call (bounds how long Redis is busy with one call).
 const MAX_BATCH: usize = 500;
@@ -48,7 +48,7 @@ impl CloseBatcher {
     }
 
     /// Closes each of `auctions` whose lease nobody holds, under a lease taken and given
-    /// back within the call ([`Closed::Held`] for the others); one result each, in order.
+    /// back within the call ([`Closed::HeldElsewhere`] for the others); one result each, in order.
     pub async fn close_free_many(&self, auctions: &[AuctionId], mode: CloseMode) -> Vec<Outcome> {
         let closes = auctions
             .iter()

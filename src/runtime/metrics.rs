@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
-use crate::task::TaskGuard;
+use crate::runtime::task::TaskGuard;
 
 /// Labels `{reason="…"}`.
 pub type ReasonLabels = Vec<(String, String)>;
@@ -236,7 +236,7 @@ pub async fn serve(
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let listener = crate::grpc::listen(addr, "METRICS_ADDR").await?;
+    let listener = crate::runtime::process::listen(addr, "METRICS_ADDR").await?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",

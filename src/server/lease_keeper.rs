@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::keyspace::AuctionId;
-use crate::lock::{self, Lease};
-use crate::sentinel::Master;
-use crate::task::TaskGuard;
+use crate::link::sentinel::Master;
+use crate::runtime::task::TaskGuard;
+use crate::store::lock::{self, Lease};
 
 /// Most leases renewed or released by one script call.
 const CHUNK: usize = 1000;

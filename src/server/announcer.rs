@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Span, debug, info_span, warn};
 
-use crate::metrics::{Metrics, add};
-use crate::sentinel::Master;
-use crate::task::TaskGuard;
+use crate::link::sentinel::Master;
+use crate::runtime::metrics::{Metrics, add};
+use crate::runtime::task::TaskGuard;
 use crate::wire::Event;
 
 /// Most requests served by one `WAIT` and one publish pipeline.

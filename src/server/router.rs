@@ -19,14 +19,16 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::keyspace::AuctionId;
-use crate::ledger::{AuctionSpec, CloseMode, Closed};
-use crate::metrics::{add, inc};
-use crate::task::TaskGuard;
+use crate::runtime::metrics::{add, inc};
+use crate::runtime::task::TaskGuard;
+use crate::server::context::Context;
+use crate::server::work::{Exit, OpError, Work};
+use crate::server::worker;
+use crate::store::ledger::{AuctionSpec, CloseMode, Closed};
 use crate::wire::{Bid, Event, RejectReason};
-use crate::worker::{self, Exit, OpError, Work, WorkerContext};
 
 /// Longest a note "another server owns this auction" is trusted before asking Redis again.
-const MAX_BUSY_NOTE: Duration = Duration::from_secs(2);
+const MAX_HOLD_OFF: Duration = Duration::from_secs(2);
 
 /// How often notes about other servers' auctions are swept out of the slot map.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -43,7 +45,9 @@ enum Slot {
         generation: u64,
         tx: mpsc::Sender<Work>,
     },
-    Busy {
+    /// Another server holds the lease until about `until`; its bids are kept in
+    /// `shadow` for whoever holds it next.
+    HeldElsewhere {
         until: Instant,
         shadow: VecDeque<(Instant, Bid)>,
     },
@@ -53,7 +57,7 @@ enum Slot {
 }
 
 /// Appends `bid` to a shadow, dropping (and counting) what is too old or too many.
-fn shadow_push(shadow: &mut VecDeque<(Instant, Bid)>, bid: Bid, ctx: &WorkerContext) {
+fn shadow_push(shadow: &mut VecDeque<(Instant, Bid)>, bid: Bid, ctx: &Context) {
     let now = Instant::now();
     shadow.push_back((now, bid));
     while shadow.len() > SHADOW_BIDS
@@ -82,7 +86,7 @@ impl Router {
     /// Starts the router. `drain` bounds how long workers may take to finish at shutdown.
     /// The returned task ends after every handle is dropped and the workers drained; its
     /// owner awaits it at shutdown (and aborts it, stopping all workers, by dropping it).
-    pub fn start(ctx: Arc<WorkerContext>, drain: Duration) -> (Router, TaskGuard) {
+    pub fn start(ctx: Arc<Context>, drain: Duration) -> (Router, TaskGuard) {
         let (tx, rx) = mpsc::channel(4096);
         let task = tokio::spawn(run(ctx, rx, drain));
         (Router { tx }, TaskGuard::new("router", task))
@@ -135,7 +139,7 @@ impl Router {
             .send(
                 auction,
                 Work::Close {
-                    mode: CloseMode::Now,
+                    mode: CloseMode::Forced,
                     reply: None,
                 },
             )
@@ -156,7 +160,7 @@ fn stopped() -> OpError {
 
 /// The router task's state: the slot map and the workers it started.
 struct State {
-    ctx: Arc<WorkerContext>,
+    ctx: Arc<Context>,
     slots: HashMap<AuctionId, Slot>,
     workers: JoinSet<()>,
     next_generation: u64,
@@ -171,7 +175,7 @@ struct Freed {
     held: Option<Duration>,
 }
 
-async fn run(ctx: Arc<WorkerContext>, mut rx: mpsc::Receiver<Command>, drain: Duration) {
+async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Command>, drain: Duration) {
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     let (freed_tx, mut freed) = mpsc::unbounded_channel::<Freed>();
     let mut st = State {
@@ -219,7 +223,7 @@ impl State {
     fn sweep(&mut self) {
         let now = Instant::now();
         self.slots.retain(|_, s| match s {
-            Slot::Busy { until, shadow } => {
+            Slot::HeldElsewhere { until, shadow } => {
                 *until > now
                     || shadow
                         .back()
@@ -238,8 +242,8 @@ impl State {
             );
             return;
         }
-        match exit.busy_for {
-            Some(d) => self.note_busy(exit.auction, d, exit.leftover),
+        match exit.hold_off {
+            Some(d) => self.hold_off(exit.auction, d, exit.leftover),
             None => {
                 self.slots.remove(&exit.auction);
             }
@@ -248,13 +252,14 @@ impl State {
 
     /// Notes that another server holds `auction` for about `d`, keeping `bids` as the
     /// shadow for a handover.
-    fn note_busy(&mut self, auction: AuctionId, d: Duration, bids: impl IntoIterator<Item = Bid>) {
+    fn hold_off(&mut self, auction: AuctionId, d: Duration, bids: impl IntoIterator<Item = Bid>) {
         let mut shadow = VecDeque::new();
         for bid in bids {
             shadow_push(&mut shadow, bid, &self.ctx);
         }
-        let until = Instant::now() + d.min(MAX_BUSY_NOTE);
-        self.slots.insert(auction, Slot::Busy { until, shadow });
+        let until = Instant::now() + d.min(MAX_HOLD_OFF);
+        self.slots
+            .insert(auction, Slot::HeldElsewhere { until, shadow });
     }
 
     /// Hands `work` to its auction's worker, starting one when there is none.
@@ -284,10 +289,10 @@ impl State {
                 queued.push(work);
                 return;
             }
-            Some(Slot::Busy { until, shadow })
+            Some(Slot::HeldElsewhere { until, shadow })
                 if now < *until && !matches!(work, Work::Open { .. }) =>
             {
-                if let Some(bid) = work.into_bid(OpError::Busy) {
+                if let Some(bid) = work.into_bid(OpError::HeldElsewhere) {
                     shadow_push(shadow, bid, &self.ctx);
                 }
                 return;
@@ -330,7 +335,7 @@ impl State {
                 tx: tx.clone(),
             },
         );
-        if let Some(Slot::Busy { shadow, .. }) = previous {
+        if let Some(Slot::HeldElsewhere { shadow, .. }) = previous {
             for (_, bid) in shadow {
                 if tx.send(Work::Bid(bid)).await.is_err() {
                     inc(&self.ctx.metrics.bids_left_to_owner);
@@ -354,11 +359,11 @@ impl State {
                     let _ = tx.send(close).await;
                 }
                 // Its holder closes it; a close of ours is already in flight.
-                Some(Slot::Busy { until, .. }) if now < *until => {}
+                Some(Slot::HeldElsewhere { until, .. }) if now < *until => {}
                 Some(Slot::Closing { .. }) => {}
                 _ => {
                     let queued = match self.slots.remove(&auction) {
-                        Some(Slot::Busy { shadow, .. }) => {
+                        Some(Slot::HeldElsewhere { shadow, .. }) => {
                             shadow.into_iter().map(|(_, b)| Work::Bid(b)).collect()
                         }
                         _ => Vec::new(),
@@ -380,8 +385,10 @@ impl State {
             return;
         };
         if let Some(d) = f.held {
-            let bids = queued.into_iter().filter_map(|w| w.into_bid(OpError::Busy));
-            self.note_busy(f.auction, d, bids);
+            let bids = queued
+                .into_iter()
+                .filter_map(|w| w.into_bid(OpError::HeldElsewhere));
+            self.hold_off(f.auction, d, bids);
             return;
         }
         for work in queued {
@@ -394,7 +401,7 @@ impl State {
 /// each under a lease taken and given back within the script call, and announces them.
 /// An auction whose lease turns out to be held is left to its holder.
 async fn close_free(
-    ctx: Arc<WorkerContext>,
+    ctx: Arc<Context>,
     auctions: Vec<AuctionId>,
     back: mpsc::UnboundedSender<Freed>,
 ) {
@@ -403,9 +410,9 @@ async fn close_free(
     let mut first_error = None;
     for (auction, result) in auctions.into_iter().zip(results) {
         let held = match result {
-            Ok((Closed::Held(d), _)) => Some(d),
+            Ok((Closed::HeldElsewhere(d), _)) => Some(d),
             Ok((closed, generation)) => {
-                if let Err(e) = worker::announce_close(&ctx, generation, closed, false).await {
+                if let Err(e) = ctx.announce_close(generation, closed, false).await {
                     debug!(%auction, error = %e, "deadline close not announced");
                 }
                 None

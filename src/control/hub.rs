@@ -16,9 +16,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::sentinel::Master;
-use crate::subscription::Subscription;
-use crate::task::TaskGuard;
+use crate::link::sentinel::Master;
+use crate::link::subscription::Subscription;
+use crate::runtime::task::TaskGuard;
 use crate::wire::Event;
 
 /// Capacity of the fan-out buffer; a listener further behind than this lags.
@@ -110,7 +110,7 @@ impl Hub {
 async fn forward(
     inner: Arc<Inner>,
     subscription: Subscription,
-    mut rx: mpsc::Receiver<crate::subscription::Message>,
+    mut rx: mpsc::Receiver<crate::link::subscription::Message>,
 ) {
     let mut check = tokio::time::interval(LINGER);
     check.tick().await;

@@ -3,7 +3,7 @@
 //! One hash per auction holds its parameters, high bid, `seq` and last writer's fence; a
 //! stream keeps accepted bids as history; a hash maps each `bid_id` to its first outcome so
 //! retries are idempotent. Every write happens inside a script that first runs the fence
-//! check from [`crate::lock`], and every outcome comes back as a ready [`Event`].
+//! check from [`crate::store::lock`], and every outcome comes back as a ready [`Event`].
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -13,8 +13,8 @@ use redis::aio::ConnectionLike;
 use redis::{RedisError, Script, Value};
 
 use crate::keyspace::{self, AuctionId};
-use crate::lock::{FENCE_PRELUDE, Lease};
-use crate::script::Reply;
+use crate::link::script::Reply;
+use crate::store::lock::{FENCE_PRELUDE, Lease};
 use crate::wire::{self, Bid, Event, RejectReason};
 
 /// A script writing one auction: the fence functions, the check under the single-auction
@@ -248,8 +248,8 @@ fn decode_outcome(id: &AuctionId, bid: &Bid, line: &str) -> Option<Judged> {
 /// How a close request ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Closed {
-    /// Closed now by this call.
-    Now(Event),
+    /// Closed by this call.
+    ByUs(Event),
     /// It had closed before; the event repeats that close.
     Already(Event),
     /// Only for [`CloseMode::Due`]: the deadline (Redis ms) has not passed.
@@ -257,7 +257,7 @@ pub enum Closed {
     /// No such auction.
     Unknown,
     /// Only for [`CloseAs::Free`]: someone holds the lease, for about this long.
-    Held(Duration),
+    HeldElsewhere(Duration),
 }
 
 /// When a close may happen.
@@ -265,8 +265,8 @@ pub enum Closed {
 pub enum CloseMode {
     /// Only if Redis time has reached the deadline.
     Due,
-    /// Now, whatever the deadline (admin early close).
-    Now,
+    /// Whatever the deadline (an admin's early close).
+    Forced,
 }
 
 /// Under which lease a close is made.
@@ -323,7 +323,7 @@ pub async fn close_many<C: ConnectionLike + Send>(
         };
         call.arg(id.as_str()).arg(match mode {
             CloseMode::Due => "due",
-            CloseMode::Now => "now",
+            CloseMode::Forced => "now",
         });
     }
     let replies: Vec<Vec<Value>> = call.invoke_async(conn).await?;
@@ -355,14 +355,14 @@ fn closed(id: &AuctionId, reply: Reply) -> Result<Closed, LedgerError> {
                 closed_at_ms: reply.int(6)?,
             };
             Ok(if tag == "closed" {
-                Closed::Now(event)
+                Closed::ByUs(event)
             } else {
                 Closed::Already(event)
             })
         }
         "not_due" => Ok(Closed::NotDue(reply.int(1)?)),
         "unknown" => Ok(Closed::Unknown),
-        "held" => Ok(Closed::Held(Duration::from_millis(
+        "held" => Ok(Closed::HeldElsewhere(Duration::from_millis(
             reply.int(1).unwrap_or(0),
         ))),
         "fenced" => Err(LedgerError::Fenced),

@@ -16,14 +16,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::hub::Hub;
+use crate::control::hub::Hub;
 use crate::keyspace::AuctionId;
-use crate::ledger::{self, AuctionRecord, AuctionSpec, CloseMode, Closed, HistoryEntry};
+use crate::link::sentinel::Master;
 use crate::proto::v1 as pb;
-use crate::router::Router;
-use crate::sentinel::Master;
+use crate::server::router::Router;
+use crate::server::work::OpError;
+use crate::store::ledger::{self, AuctionRecord, AuctionSpec, CloseMode, Closed, HistoryEntry};
 use crate::wire::{self, CloseRequest, Event};
-use crate::worker::OpError;
 
 /// Default and largest page sizes.
 const AUCTIONS_PAGE: (usize, usize) = (50, 1000);
@@ -53,7 +53,7 @@ pub struct AdminService {
 impl From<OpError> for Status {
     fn from(e: OpError) -> Self {
         match e {
-            OpError::Busy => Status::unavailable(format!("{e}")),
+            OpError::HeldElsewhere => Status::unavailable(format!("{e}")),
             OpError::Unavailable(_) | OpError::NotDurable(_) => Status::unavailable(e.to_string()),
             OpError::AlreadyExists => Status::already_exists(e.to_string()),
             OpError::NotFound => Status::not_found(e.to_string()),
@@ -373,7 +373,7 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
 /// The span of one admin call, child of the caller's trace when it sent `traceparent`.
 fn rpc_span<T>(method: &'static str, req: &Request<T>) -> tracing::Span {
     let span = info_span!("admin_rpc", method, otel.kind = "server");
-    crate::propagation::set_parent_from_metadata(&span, req.metadata());
+    crate::runtime::propagation::set_parent_from_metadata(&span, req.metadata());
     span
 }
 
@@ -413,8 +413,8 @@ impl AdminService {
         let mut events = self.hub.subscribe().await;
         let until = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         loop {
-            match self.router.close(id.clone(), CloseMode::Now).await {
-                Ok(Closed::Now(_)) => break,
+            match self.router.close(id.clone(), CloseMode::Forced).await {
+                Ok(Closed::ByUs(_)) => break,
                 Ok(Closed::Already(_)) => {
                     return Err(Status::failed_precondition(format!(
                         "auction {id} closed before this request took effect (deadline or another close)"
@@ -426,7 +426,7 @@ impl AdminService {
                 Ok(Closed::NotDue(_)) => {
                     return Err(Status::internal("an immediate close reported not due"));
                 }
-                Ok(Closed::Held(_)) | Err(OpError::Busy) => {
+                Ok(Closed::HeldElsewhere(_)) | Err(OpError::HeldElsewhere) => {
                     // Another server holds the lease: ask it, through the control channel.
                     if self.close_elsewhere(&id, &mut events).await? {
                         break;

@@ -3,7 +3,7 @@
 //! Every server runs one. Each tick it reads Redis `TIME` and the due entries of
 //! `auctions:open`, and asks its router to close them; the close itself runs under the
 //! auction's lease (its worker's, or one taken and given back inside the script when nobody
-//! holds it; see [`crate::router`]), batched across auctions, and the script re-checks the
+//! holds it; see [`crate::server::router`]), batched across auctions, and the script re-checks the
 //! deadline against `TIME`, so several closers racing (or a closer racing an admin close)
 //! still close exactly once.
 //! Between ticks it sleeps until the next deadline, capped so newly opened auctions and
@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::keyspace::{self, AuctionId};
-use crate::router::Router;
-use crate::sentinel::Master;
+use crate::link::sentinel::Master;
+use crate::server::router::Router;
 
 /// Longest sleep between ticks.
 pub const MAX_TICK: Duration = Duration::from_millis(200);
@@ -37,7 +37,7 @@ pub async fn redis_now_ms(conn: &mut MultiplexedConnection) -> redis::RedisResul
 pub async fn run(
     master: Master,
     router: Router,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::runtime::metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -70,7 +70,7 @@ struct Pass {
 async fn tick(
     master: &Master,
     router: &Router,
-    metrics: &crate::metrics::Metrics,
+    metrics: &crate::runtime::metrics::Metrics,
     requested: &mut HashMap<AuctionId, Instant>,
     pass: &mut Pass,
 ) -> Result<Duration, String> {

@@ -1,166 +1,36 @@
 //! The auction worker: the one task in the whole system that mutates a given auction.
 //!
-//! A worker holds its auction's lease (see [`crate::lock`]; the [`crate::lease_keeper`]
+//! A worker holds its auction's lease (see [`crate::store::lock`]; the [`crate::server::lease_keeper`]
 //! renews it) and handles that auction's work strictly in arrival order: bids are judged in
 //! batches (one script call for everything queued), and the events go to the
-//! [`crate::announcer`], which publishes them in `seq` order once a group-commit `WAIT`
+//! [`crate::server::announcer`], which publishes them in `seq` order once a group-commit `WAIT`
 //! covers them; the worker meanwhile judges the next batch. Opening and closing go through
 //! the same queue, so they are serialized with bids (closes are batched across auctions by
-//! [`crate::close_batch`]). When the lease is lost the worker stops at once and hands back
+//! [`crate::server::close_batch`]). When the lease is lost the worker stops at once and hands back
 //! what it queued (the router keeps it for the next holder; bidders retry anyway); when it
 //! goes idle it finishes its queue, releases the lease and exits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use crate::announcer::{Announcement, Announcer, NotAnnounced};
-use crate::backoff::Backoff;
-use crate::close_batch::CloseBatcher;
 use crate::keyspace::AuctionId;
-use crate::lease_keeper::LeaseKeeper;
-use crate::ledger::{self, AuctionSpec, CloseMode, Closed, LedgerError};
-use crate::lock::{self, Acquire, Lease};
-use crate::metrics::{Metrics, inc};
-use crate::sentinel::Master;
+use crate::link::sentinel::Master;
+use crate::runtime::backoff::Backoff;
+use crate::runtime::metrics::inc;
+use crate::server::announcer::Announcement;
+use crate::server::context::Context;
+use crate::server::work::{Exit, Failure, OpError, Work};
+use crate::store::ledger::{self, LedgerError};
+use crate::store::lock::{self, Acquire, Lease};
 use crate::wire::{Bid, Event};
-
-/// Tunables shared by every worker of a server.
-#[derive(Clone, Debug)]
-pub struct WorkerSettings {
-    /// Lease duration; renewed every third of it.
-    pub lease: Duration,
-    /// Release the lease after this long without work.
-    pub idle_release: Duration,
-    /// Most bids judged in one script call.
-    pub max_batch: usize,
-    /// Per-auction queue capacity.
-    pub queue: usize,
-}
-
-impl Default for WorkerSettings {
-    fn default() -> Self {
-        Self {
-            lease: Duration::from_secs(5),
-            idle_release: Duration::from_secs(10),
-            max_batch: 256,
-            queue: 4096,
-        }
-    }
-}
-
-/// Everything a worker needs, shared by all workers of one server.
-pub struct WorkerContext {
-    /// The master handle.
-    pub master: Master,
-    /// Group commit and in-order publishing of outcomes.
-    pub announcer: Announcer,
-    /// Closes, batched across auctions.
-    pub closes: CloseBatcher,
-    /// Renews and releases leases, batched across auctions.
-    pub keeper: LeaseKeeper,
-    /// State-independent refusals to announce (best effort, batched).
-    pub refusals: mpsc::Sender<Event>,
-    /// This process's lock owner id.
-    pub owner: String,
-    /// Channel events are published on.
-    pub event_channel: String,
-    /// Tunables.
-    pub settings: WorkerSettings,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-}
-
-/// Why an admin operation did not happen.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OpError {
-    /// Another server holds this auction's lease right now; retry shortly.
-    #[error("another server holds this auction's lease; retry shortly")]
-    Busy,
-    /// Redis is unreachable or refused; retry.
-    #[error("Redis unavailable: {0}")]
-    Unavailable(String),
-    /// Open: the id is taken.
-    #[error("an auction with this id already exists")]
-    AlreadyExists,
-    /// The auction does not exist.
-    #[error("no such auction")]
-    NotFound,
-    /// The outcome is stored but could not be confirmed durable (no replica acknowledged).
-    #[error("stored but not yet confirmed on a replica: {0}")]
-    NotDurable(String),
-}
-
-/// One unit of work for an auction.
-#[derive(Debug)]
-pub enum Work {
-    /// Judge a bid.
-    Bid(Bid),
-    /// Open the auction.
-    Open {
-        /// Parameters.
-        spec: AuctionSpec,
-        /// Gets the `auction_opened` event.
-        reply: oneshot::Sender<Result<Event, OpError>>,
-    },
-    /// Close the auction.
-    Close {
-        /// Deadline-driven or forced.
-        mode: CloseMode,
-        /// Gets the outcome, when someone waits for it.
-        reply: Option<oneshot::Sender<Result<Closed, OpError>>>,
-    },
-}
-
-impl Work {
-    /// Answers an admin request that will not run with `err`; a bid needs no answer here
-    /// (it is handed on, or the bidder retries).
-    pub fn refuse(self, err: OpError) {
-        match self {
-            Work::Bid(_) => {}
-            Work::Open { reply, .. } => {
-                let _ = reply.send(Err(err));
-            }
-            Work::Close { reply, .. } => {
-                if let Some(r) = reply {
-                    let _ = r.send(Err(err));
-                }
-            }
-        }
-    }
-
-    /// The bid, if this is one; admin work, which will not run, is answered with `err`.
-    pub fn into_bid(self, err: OpError) -> Option<Bid> {
-        match self {
-            Work::Bid(bid) => Some(bid),
-            admin => {
-                admin.refuse(err);
-                None
-            }
-        }
-    }
-}
-
-/// Sent to the router when a worker ends.
-#[derive(Debug)]
-pub struct Exit {
-    /// The auction.
-    pub auction: AuctionId,
-    /// The worker's generation, so the router ignores exits of replaced workers.
-    pub generation: u64,
-    /// Set when another server holds the lease: leave its bids alone for this long.
-    pub busy_for: Option<Duration>,
-    /// Bids this worker received but did not judge, in arrival order. The router keeps them
-    /// so that whoever takes the lease next judges them (duplicates are harmless).
-    pub leftover: Vec<Bid>,
-}
 
 enum Stop {
     /// Lease lost or never acquired; bids left in the queue belong to someone else now.
-    NotOwner(Option<Duration>),
+    HeldElsewhere(Option<Duration>),
     /// Redis is down; queued work cannot be done now.
     Unavailable(String),
     /// Finished normally (idle, closed, or the router is gone) with the lease released.
@@ -169,7 +39,7 @@ enum Stop {
 
 /// Runs one worker until it stops, then tells the router through `exits`.
 pub async fn run(
-    ctx: Arc<WorkerContext>,
+    ctx: Arc<Context>,
     auction: AuctionId,
     generation: u64,
     mut rx: mpsc::Receiver<Work>,
@@ -179,8 +49,8 @@ pub async fn run(
     let mut leftover = Vec::new();
     let stop = serve(&ctx, &auction, &mut rx, must_exist, &mut leftover).await;
     rx.close();
-    let busy_for = match &stop {
-        Stop::NotOwner(d) => Some(d.unwrap_or(ctx.settings.lease / 5)),
+    let hold_off = match &stop {
+        Stop::HeldElsewhere(d) => Some(d.unwrap_or(ctx.settings.lease / 5)),
         Stop::Unavailable(_) => Some(Duration::from_millis(200)),
         Stop::Done => None,
     };
@@ -193,13 +63,13 @@ pub async fn run(
     let _ = exits.send(Exit {
         auction,
         generation,
-        busy_for,
+        hold_off,
         leftover,
     });
 }
 
 async fn serve(
-    ctx: &WorkerContext,
+    ctx: &Context,
     auction: &AuctionId,
     rx: &mut mpsc::Receiver<Work>,
     must_exist: bool,
@@ -234,7 +104,7 @@ async fn serve(
         let idle_deadline = tokio::time::Instant::from_std(idle_since + ctx.settings.idle_release);
         tokio::select! {
             biased;
-            _ = lease.lost() => break Stop::NotOwner(None),
+            _ = lease.lost() => break Stop::HeldElsewhere(None),
             _ = check.tick() => {
                 if !lease.locally_valid() {
                     warn!(%auction, token = lease.token(), "lease could not be renewed in time (Redis unreachable?); stopping this auction's worker");
@@ -277,7 +147,7 @@ async fn serve(
 }
 
 async fn take_lease(
-    ctx: &WorkerContext,
+    ctx: &Context,
     auction: &AuctionId,
     must_exist: bool,
 ) -> Result<Option<Lease>, Stop> {
@@ -307,7 +177,7 @@ async fn take_lease(
             }
             Ok(Some(lease))
         }
-        Ok(Acquire::Held(ttl)) => Err(Stop::NotOwner(Some(ttl))),
+        Ok(Acquire::HeldElsewhere(ttl)) => Err(Stop::HeldElsewhere(Some(ttl))),
         Ok(Acquire::UnknownAuction) => Ok(None),
         Err(e) => {
             ctx.master.report(link.generation, &e);
@@ -317,7 +187,7 @@ async fn take_lease(
 }
 
 struct Worker<'a> {
-    ctx: &'a WorkerContext,
+    ctx: &'a Context,
     lease: Option<Lease>,
 }
 
@@ -361,7 +231,7 @@ impl Worker<'_> {
     }
 
     fn lease(&self) -> Result<&Lease, Stop> {
-        self.lease.as_ref().ok_or(Stop::NotOwner(None))
+        self.lease.as_ref().ok_or(Stop::HeldElsewhere(None))
     }
 
     /// Runs a fenced ledger call, retrying transient failures while the lease may still be
@@ -375,13 +245,13 @@ impl Worker<'_> {
         loop {
             let lease = self.lease()?.clone();
             if !lease.locally_valid() {
-                return Err(Stop::NotOwner(None));
+                return Err(Stop::HeldElsewhere(None));
             }
             match call(lease.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fenced) => {
                     warn!(auction = %lease.auction(), token = lease.token(), what, "write refused by the fence: lease lost; stopping this auction's worker");
-                    return Err(Stop::NotOwner(None));
+                    return Err(Stop::HeldElsewhere(None));
                 }
                 Err(Failure::Down(e)) => return Err(Stop::Unavailable(e)),
                 Err(Failure::Transient(e)) => {
@@ -407,7 +277,7 @@ impl Worker<'_> {
             .map(|b| {
                 b.traceparent.as_deref().map(|tp| {
                     let span = info_span!(parent: &batch, "bid.judge", bid_id = %b.bid_id, auction_id = %b.auction_id, amount = b.amount, token, outcome = Empty, seq = Empty);
-                    crate::propagation::set_parent(&span, tp);
+                    crate::runtime::propagation::set_parent(&span, tp);
                     span
                 })
             })
@@ -446,7 +316,7 @@ impl Worker<'_> {
                 if let Some(seq) = event.seq() {
                     span.record("seq", seq);
                 }
-                event.set_traceparent(crate::propagation::traceparent(span));
+                event.set_traceparent(crate::runtime::propagation::traceparent(span));
             }
             events.push(event);
         }
@@ -490,7 +360,8 @@ impl Worker<'_> {
                     Some(event) => {
                         inc(&self.ctx.metrics.auctions_opened);
                         info!(auction = ?event.auction_id(), item = %spec.item, "auction opened");
-                        announce_one(self.ctx, generation, event.clone(), true)
+                        self.ctx
+                            .announce_event(generation, event.clone(), true)
                             .await
                             .map(|()| event)
                     }
@@ -512,7 +383,10 @@ impl Worker<'_> {
                         return Err(stop);
                     }
                 };
-                let answer = announce_close(self.ctx, generation, closed, reply.is_some()).await;
+                let answer = self
+                    .ctx
+                    .announce_close(generation, closed, reply.is_some())
+                    .await;
                 if let Some(r) = reply {
                     let _ = r.send(answer);
                 }
@@ -546,84 +420,6 @@ impl Worker<'_> {
     }
 }
 
-/// Counts, logs and announces the result of a close; returns what the caller is told.
-pub(crate) async fn announce_close(
-    ctx: &WorkerContext,
-    generation: u64,
-    closed: Closed,
-    wait: bool,
-) -> Result<Closed, OpError> {
-    match &closed {
-        Closed::Now(event) | Closed::Already(event) => {
-            if matches!(closed, Closed::Now(_)) {
-                inc(&ctx.metrics.auctions_closed);
-                debug!(auction = ?event.auction_id(), ?event, "auction closed");
-            }
-            // An earlier close may have been stored but never announced (its server died):
-            // announcing again is harmless, subscribers dedupe by seq.
-            announce_one(ctx, generation, event.clone(), wait).await?;
-            Ok(closed)
-        }
-        Closed::NotDue(_) => Ok(closed),
-        Closed::Unknown => Err(OpError::NotFound),
-        Closed::Held(_) => Err(OpError::Busy),
-    }
-}
-
-/// Announces `event` (after replicas acknowledged it) and, when `wait`, waits for that.
-async fn announce_one(
-    ctx: &WorkerContext,
-    generation: u64,
-    event: Event,
-    wait: bool,
-) -> Result<(), OpError> {
-    if !wait {
-        ctx.announcer
-            .announce(Announcement {
-                generation,
-                events: vec![event],
-                outcomes: 0,
-                started: None,
-                span: Span::none(),
-                done: None,
-            })
-            .await;
-        return Ok(());
-    }
-    ctx.announcer
-        .announce_and_wait(generation, vec![event])
-        .await
-        .map_err(|e| match e {
-            NotAnnounced::Failed(e) => OpError::Unavailable(e),
-            e => OpError::NotDurable(e.to_string()),
-        })
-}
-
-/// Why a fenced call failed.
-#[derive(Debug, Clone)]
-pub enum Failure {
-    /// The fence refused the write: the lease is lost.
-    Fenced,
-    /// No master link; stop and let the router retry later.
-    Down(String),
-    /// Redis failed (already reported to the master supervisor); worth a retry.
-    Transient(String),
-}
-
-impl Failure {
-    /// The failure a ledger error on the link of `generation` means; a Redis error is
-    /// reported to the master supervisor (which re-resolves if the master is gone).
-    pub fn of(e: LedgerError, master: &Master, generation: u64) -> Failure {
-        match e {
-            LedgerError::Fenced => Failure::Fenced,
-            LedgerError::Redis(e) => {
-                master.report(generation, &e);
-                Failure::Transient(e.to_string())
-            }
-        }
-    }
-}
-
 /// Runs `call` on the current master link; returns its result and the link's generation.
 async fn on_master<T, F, Fut>(master: &Master, lease: Lease, call: F) -> Result<(T, u64), Failure>
 where
@@ -643,6 +439,6 @@ where
 fn stop_error(stop: &Stop) -> OpError {
     match stop {
         Stop::Unavailable(e) => OpError::Unavailable(e.clone()),
-        _ => OpError::Busy,
+        _ => OpError::HeldElsewhere,
     }
 }

@@ -14,9 +14,9 @@ use tonic_health::server::HealthReporter;
 
 use std::sync::Arc;
 
-use crate::metrics::Metrics;
-use crate::sentinel::Master;
-use crate::task::TaskGuard;
+use crate::link::sentinel::Master;
+use crate::runtime::metrics::Metrics;
+use crate::runtime::task::TaskGuard;
 
 /// Health service name that follows the process, not its dependencies.
 pub const LIVENESS: &str = "liveness";

@@ -23,9 +23,9 @@ use tokio::sync::{Notify, watch};
 use tokio::time::timeout;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::backoff::Backoff;
-use crate::config::{HostPort, RedisArgs};
-use crate::task::TaskGuard;
+use crate::runtime::backoff::Backoff;
+use crate::runtime::config::{HostPort, RedisArgs};
+use crate::runtime::task::TaskGuard;
 
 /// Timeouts and credentials for reaching Redis through Sentinel.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@
 //! state includes [`FENCE_PRELUDE`] and checks each auction it writes with it, refusing the
 //! write inside Redis unless the caller's exact lock value is still current and its token
 //! is not older than the last writer's. Renew and release take many leases per call (see
-//! [`crate::lease_keeper`]).
+//! [`crate::server::lease_keeper`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -17,7 +17,7 @@ use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script, Value};
 
 use crate::keyspace::AuctionId;
-use crate::script::Reply;
+use crate::link::script::Reply;
 
 /// Lua prepended to every fenced write script (see the file for its key/arg convention).
 pub const FENCE_PRELUDE: &str = include_str!("lock/fence.lua");
@@ -28,7 +28,7 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lock/release.lua")));
 
 /// A held lease on one auction. Clones share one view of its validity, which renewals
-/// (usually by the [`crate::lease_keeper`]) extend and a failed renewal ends.
+/// (usually by the [`crate::server::lease_keeper`]) extend and a failed renewal ends.
 #[derive(Clone, Debug)]
 pub struct Lease {
     inner: Arc<Held>,
@@ -130,8 +130,8 @@ impl Lease {
 pub enum Acquire {
     /// We hold it now.
     Acquired(Lease),
-    /// Someone else holds it for about this long.
-    Held(Duration),
+    /// Another owner holds it, for about this long.
+    HeldElsewhere(Duration),
     /// The auction does not exist (and existence was required).
     UnknownAuction,
 }
@@ -167,7 +167,7 @@ pub async fn acquire<C: ConnectionLike + Send>(
                 sent,
             ))
         }
-        "held" => Acquire::Held(Duration::from_millis(reply.int(1).unwrap_or(0))),
+        "held" => Acquire::HeldElsewhere(Duration::from_millis(reply.int(1).unwrap_or(0))),
         "unknown" => Acquire::UnknownAuction,
         other => return Err(reply.unexpected(other)),
     })

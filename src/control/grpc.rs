@@ -7,18 +7,6 @@ use std::future::Future;
 use tonic::service::Routes;
 use tracing::error;
 
-/// Binds a listener for the address configured in `setting` (e.g. `GRPC_ADDR`), with an
-/// error that names the setting and the likely cause.
-pub async fn listen(
-    addr: std::net::SocketAddr,
-    setting: &str,
-) -> anyhow::Result<tokio::net::TcpListener> {
-    use anyhow::Context;
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {setting} {addr}: is another process using it?"))
-}
-
 /// Serves `health`, reflection over `descriptor_sets` (plus the health protocol's own),
 /// and `extra` on `listener` until `shutdown` resolves. Errors are logged.
 pub async fn serve(

@@ -1,0 +1,101 @@
+//! [`BidderArgs`]: the bidder's configuration as one typed value, defaults written once.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::keyspace::AuctionId;
+use crate::runtime::config::{RedisArgs, parse_duration};
+use crate::wire;
+
+/// Default time between bids (`BID_INTERVAL`).
+pub const DEFAULT_BID_INTERVAL: &str = "3s";
+/// Default budget (`MAX_BID`), minor units.
+pub const DEFAULT_MAX_BID: u64 = 100_000;
+/// Default wait before re-publishing an unanswered bid (`BID_RETRY_AFTER`).
+pub const DEFAULT_RETRY_AFTER: &str = "2s";
+/// Default wait for a close after the deadline (`CLOSE_GRACE`).
+pub const DEFAULT_CLOSE_GRACE: &str = "30s";
+/// Default auction server address (`SERVER_ADDR`).
+pub const DEFAULT_SERVER_ADDR: &str = "127.0.0.1:50051";
+/// Default address of the bidder's own health endpoint (`HEALTH_ADDR`).
+pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:50052";
+
+/// Bidder configuration (flags with environment fallbacks).
+#[derive(clap::Args, Clone, Debug)]
+pub struct BidderArgs {
+    /// Redis / Sentinel / channel settings.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// This bidder's name (default: the host name, i.e. the pod name).
+    #[arg(long, env = "BIDDER_NAME")]
+    pub bidder_name: Option<String>,
+    /// Time between bids (±20% jitter).
+    #[arg(long, env = "BID_INTERVAL", default_value = DEFAULT_BID_INTERVAL, value_parser = parse_duration)]
+    pub bid_interval: Duration,
+    /// Budget: never bid above this, minor units.
+    #[arg(long, env = "MAX_BID", default_value_t = DEFAULT_MAX_BID)]
+    pub max_bid: u64,
+    /// Re-publish an unanswered bid (same bid_id) after this long.
+    #[arg(long, env = "BID_RETRY_AFTER", default_value = DEFAULT_RETRY_AFTER, value_parser = parse_duration)]
+    pub retry_after: Duration,
+    /// Bid only on this auction (default: the first open one seen).
+    #[arg(long, env = "AUCTION_ID")]
+    pub auction_id: Option<String>,
+    /// After an auction closes, wait for the next one instead of exiting.
+    #[arg(long, env = "KEEP_GOING")]
+    pub keep_going: bool,
+    /// Give up if a tracked auction's close is not seen this long after its deadline.
+    #[arg(long, env = "CLOSE_GRACE", default_value = DEFAULT_CLOSE_GRACE, value_parser = parse_duration)]
+    pub close_grace: Duration,
+    /// The auction server's gRPC address; no bids are sent while its health is not SERVING.
+    #[arg(long, env = "SERVER_ADDR", default_value = DEFAULT_SERVER_ADDR)]
+    pub server_addr: String,
+    /// Where this bidder serves its own grpc.health.v1 (for readiness probes).
+    #[arg(long, env = "HEALTH_ADDR", default_value = DEFAULT_HEALTH_ADDR)]
+    pub health_addr: SocketAddr,
+    /// Where Prometheus metrics are served (`GET /metrics`); unset = no metrics endpoint.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl BidderArgs {
+    /// The effective bidder name, validated.
+    pub fn name(&self) -> anyhow::Result<String> {
+        let name = self
+            .bidder_name
+            .clone()
+            .unwrap_or_else(crate::runtime::process::host_name);
+        wire::check_token("BIDDER_NAME", &name, wire::MAX_BIDDER_LEN)
+            .map_err(|e| anyhow::anyhow!("invalid bidder name: {e}"))?;
+        Ok(name)
+    }
+
+    /// Validates everything clap cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.redis.validate().map_err(anyhow::Error::msg)?;
+        self.name()?;
+        if self.max_bid == 0 || self.max_bid > wire::MAX_AMOUNT {
+            anyhow::bail!("MAX_BID must be between 1 and {}", wire::MAX_AMOUNT);
+        }
+        if let Some(id) = &self.auction_id {
+            AuctionId::parse(id)?;
+        }
+        self.server_endpoint()?;
+        Ok(())
+    }
+
+    /// `SERVER_ADDR` as a gRPC endpoint (`host:port` or `http://host:port`).
+    pub fn server_endpoint(&self) -> anyhow::Result<tonic::transport::Endpoint> {
+        let raw = self.server_addr.trim();
+        let uri = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            format!("http://{raw}")
+        };
+        tonic::transport::Endpoint::from_shared(uri)
+            .map(|e| e.connect_timeout(Duration::from_secs(2)))
+            .map_err(|e| {
+                anyhow::anyhow!("SERVER_ADDR {raw:?} is not a valid address (host:port): {e}")
+            })
+    }
+}

@@ -1,0 +1,134 @@
+//! [`ServerArgs`]: the server's configuration as one typed value (flags with environment
+//! fallbacks), every default written once as a constant here, and checked as a whole
+//! before anything binds or connects.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::runtime::config::{RedisArgs, parse_channel, parse_duration};
+use crate::store::ledger::AuctionSpec;
+
+/// Default auction duration (`AUCTION_DURATION`).
+pub const DEFAULT_AUCTION_DURATION: &str = "30s";
+/// Default bound on each `WAIT` for replicas (`WAIT_TIMEOUT`).
+pub const DEFAULT_WAIT_TIMEOUT: &str = "500ms";
+/// Default lease on an auction's lock (`LOCK_LEASE`).
+pub const DEFAULT_LOCK_LEASE: &str = "5s";
+/// Default bound on draining at shutdown (`SHUTDOWN_GRACE`).
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+/// Default starting price of `--open-on-start` auctions, minor units.
+pub const DEFAULT_STARTING_PRICE: u64 = 100;
+/// Default minimum increment of `--open-on-start` auctions, minor units.
+pub const DEFAULT_MIN_INCREMENT: u64 = 10;
+
+/// Server configuration (flags with environment fallbacks).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// Redis / Sentinel / channel settings.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Open one auction for ITEM at start, as the prototype did.
+    #[arg(long, env = "OPEN_ON_START", value_name = "ITEM")]
+    pub open_on_start: Option<String>,
+    /// Duration of auctions opened without an explicit one.
+    #[arg(long, env = "AUCTION_DURATION", default_value = DEFAULT_AUCTION_DURATION, value_parser = parse_duration)]
+    pub auction_duration: Duration,
+    /// Starting price of --open-on-start auctions, minor units.
+    #[arg(long, env = "STARTING_PRICE", default_value_t = DEFAULT_STARTING_PRICE)]
+    pub starting_price: u64,
+    /// Minimum increment of --open-on-start auctions, minor units.
+    #[arg(long, env = "MIN_INCREMENT", default_value_t = DEFAULT_MIN_INCREMENT)]
+    pub min_increment: u64,
+    /// Reserve price of --open-on-start auctions, minor units (0 = none).
+    #[arg(long, env = "RESERVE_PRICE", default_value_t = 0)]
+    pub reserve_price: u64,
+    /// Replicas that must acknowledge a write before its outcome is announced (0 = don't wait).
+    #[arg(long, env = "WAIT_REPLICAS", default_value_t = 1)]
+    pub wait_replicas: u32,
+    /// Bound on each WAIT for replicas.
+    #[arg(long, env = "WAIT_TIMEOUT", default_value = DEFAULT_WAIT_TIMEOUT, value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+    /// Lease on an auction's lock; another server takes over this long after a crash.
+    #[arg(long, env = "LOCK_LEASE", default_value = DEFAULT_LOCK_LEASE, value_parser = parse_duration)]
+    pub lock_lease: Duration,
+    /// Bound on draining in-flight work at shutdown.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Where the gRPC admin API, health and reflection listen.
+    #[arg(long, env = "GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
+    /// Bearer token required by mutating admin calls (unset = no auth; set it in production).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Where Prometheus metrics are served (`GET /metrics`); unset = no metrics endpoint.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Server-to-server channel (forwarded admin closes); only servers may publish on it.
+    #[arg(long, env = "CONTROL_CHANNEL", default_value = DEFAULT_CONTROL_CHANNEL, value_parser = parse_channel)]
+    pub control_channel: String,
+}
+
+/// Default gRPC listen address.
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
+/// Default control channel.
+pub const DEFAULT_CONTROL_CHANNEL: &str = "auction-control";
+
+impl ServerArgs {
+    /// The spec of the --open-on-start auction.
+    pub fn open_on_start_spec(&self) -> Option<AuctionSpec> {
+        self.open_on_start.as_ref().map(|item| AuctionSpec {
+            item: item.clone(),
+            duration: self.auction_duration,
+            starting_price: self.starting_price,
+            min_increment: self.min_increment,
+            reserve_price: self.reserve_price,
+        })
+    }
+
+    /// Validates everything clap cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.redis.validate().map_err(anyhow::Error::msg)?;
+        if let Some(spec) = self.open_on_start_spec() {
+            spec.validate().context("invalid --open-on-start auction")?;
+        }
+        if self.lock_lease < Duration::from_millis(300) {
+            anyhow::bail!("LOCK_LEASE must be at least 300ms");
+        }
+        let channels = [
+            &self.redis.command_channel,
+            &self.redis.event_channel,
+            &self.control_channel,
+        ];
+        if channels[2] == channels[0] || channels[2] == channels[1] {
+            anyhow::bail!("CONTROL_CHANNEL must differ from COMMAND_CHANNEL and EVENT_CHANNEL");
+        }
+        if let Some(t) = &self.admin_token
+            && (t.trim().len() < 16 || t.trim() != t)
+        {
+            anyhow::bail!("ADMIN_TOKEN must be at least 16 characters without surrounding spaces");
+        }
+        if self.wait_timeout >= self.lock_lease / 3 {
+            anyhow::bail!("WAIT_TIMEOUT must be shorter than a third of LOCK_LEASE");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        for d in [
+            DEFAULT_AUCTION_DURATION,
+            DEFAULT_WAIT_TIMEOUT,
+            DEFAULT_LOCK_LEASE,
+            DEFAULT_SHUTDOWN_GRACE,
+        ] {
+            assert!(parse_duration(d).is_ok(), "{d}");
+        }
+    }
+}
