@@ -9,10 +9,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use auction::bidder::args::DEFAULT_BID_INTERVAL;
 use auction::proto::v1 as pb;
 use auction::proto::v1::auction_admin_client::AuctionAdminClient;
+use auction::runtime::config::{DEFAULT_EVENT_CHANNEL, parse_duration};
+use auction::server::args::DEFAULT_AUCTION_DURATION;
 use auction::wire::Event;
 use auction_testkit::{DevStack, DevStackConfig, Process, Recorder, free_port};
+
+type Admin = AuctionAdminClient<tonic::transport::Channel>;
 
 fn bin_dir() -> anyhow::Result<PathBuf> {
     // Examples live in target/<profile>/examples; the binaries one level up.
@@ -90,85 +95,64 @@ fn describe(e: &Event) -> String {
     }
 }
 
+/// What the demo runs, from the environment.
+struct Settings {
+    clients: usize,
+    duration: String,
+    interval: String,
+    bins: PathBuf,
+    started: Instant,
+}
+
+impl Settings {
+    fn from_env() -> anyhow::Result<Settings> {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        Ok(Settings {
+            clients: var("DEMO_CLIENTS", "5")
+                .parse()
+                .context("DEMO_CLIENTS must be a whole number")?,
+            duration: var("AUCTION_DURATION", DEFAULT_AUCTION_DURATION),
+            interval: var("BID_INTERVAL", DEFAULT_BID_INTERVAL),
+            bins: bin_dir()?,
+            started: Instant::now(),
+        })
+    }
+
+    /// `[  12.3s]`: time since the demo started.
+    fn stamp(&self) -> String {
+        format!("[{:>5.1}s]", self.started.elapsed().as_secs_f64())
+    }
+
+    fn bin(&self, name: &str) -> String {
+        self.bins.join(name).display().to_string()
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let clients: usize = std::env::var("DEMO_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let duration = std::env::var("AUCTION_DURATION").unwrap_or_else(|_| "30s".into());
-    let interval = std::env::var("BID_INTERVAL").unwrap_or_else(|_| "3s".into());
-    let bins = bin_dir()?;
-    let started = Instant::now();
-    let stamp = move || format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
-
+    let demo = Settings::from_env()?;
     println!(
         "{} starting Redis: 1 master, 2 replicas, 3 Sentinels (append-only, min-replicas-to-write 1)…",
-        stamp()
+        demo.stamp()
     );
     let stack = DevStack::start(DevStackConfig::default()).await?;
     println!(
         "{} Redis up: master 127.0.0.1:{}, replicas {:?}, Sentinels {}",
-        stamp(),
+        demo.stamp(),
         stack.node_port(0),
         &stack.redis_ports()[1..],
         stack.sentinels_csv()
     );
-
     let recorder = Recorder::start(&stack).await?;
-
-    let server_bin = bins.join("auction-server").display().to_string();
-    let client_bin = bins.join("auction-client").display().to_string();
-    let sentinels = stack.sentinels_csv();
-    let grpc_port = free_port()?;
-    let mut server = Process::spawn(
-        stack.dir(),
-        "auction-server",
-        &server_bin,
-        &[],
-        &[
-            ("REDIS_SENTINELS", sentinels.clone()),
-            ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
-            ("AUCTION_DURATION", duration.clone()),
-        ],
-    );
-    println!(
-        "{} started auction-server, gRPC on 127.0.0.1:{grpc_port}",
-        stamp()
-    );
-    let mut bidders: Vec<Process> = (1..=clients)
-        .map(|i| {
-            let name = format!("bidder-{i}");
-            Process::spawn(
-                stack.dir(),
-                &name,
-                &client_bin,
-                &[],
-                &[
-                    ("REDIS_SENTINELS", sentinels.clone()),
-                    ("BIDDER_NAME", name.clone()),
-                    ("BID_INTERVAL", interval.clone()),
-                    ("MAX_BID", format!("{}", 2000 + 300 * i)),
-                    ("SERVER_ADDR", format!("127.0.0.1:{grpc_port}")),
-                    ("HEALTH_ADDR", "127.0.0.1:0".into()),
-                ],
-            )
-        })
-        .collect();
-    println!(
-        "{} started {clients} bidders (budgets 23.00 … {})",
-        stamp(),
-        money(2000 + 300 * clients as u64)
-    );
+    let (mut server, grpc_port) = start_server(&demo, &stack)?;
+    let mut bidders = start_bidders(&demo, &stack, grpc_port);
     // Open the auction only once every bidder listens, so nobody misses the opening: the
     // bidders and this demo's recorder (the server subscribes to events only while a Watch
     // listens).
+    let listeners = demo.clients as u64 + 1;
     stack
-        .wait_subscribers(
-            auction::runtime::config::DEFAULT_EVENT_CHANNEL,
-            clients as u64 + 1,
-            Duration::from_secs(30),
-        )
+        .wait_subscribers(DEFAULT_EVENT_CHANNEL, listeners, Duration::from_secs(30))
         .await
         .with_context(|| {
             format!(
@@ -177,50 +161,15 @@ async fn main() -> anyhow::Result<()> {
             )
         })?;
     let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
-    let opened = admin
-        .open_auction(pb::OpenAuctionRequest {
-            item: "Vintage guitar".into(),
-            starting_price: 100,
-            min_increment: 10,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .auction
-        .context("OpenAuction returned no auction")?;
-    println!(
-        "{} opened auction {} through gRPC AuctionAdmin/OpenAuction\n",
-        stamp(),
-        opened.auction_id
-    );
-
-    let deadline = Instant::now()
-        + auction::runtime::config::parse_duration(&duration).map_err(anyhow::Error::msg)?
-        + Duration::from_secs(60);
-    let mut winner = None;
-    let mut seen = 0;
-    while winner.is_none() {
-        let limit = deadline.saturating_duration_since(Instant::now());
-        let event = recorder.nth(seen, limit).await.with_context(|| {
-            format!(
-                "the auction did not close in time; logs in {}",
-                stack.dir().display()
-            )
-        })?;
-        seen += 1;
-        println!(
-            "{} seq {:>3}  {}",
-            stamp(),
-            event.seq().map(|s| s.to_string()).unwrap_or("-".into()),
-            describe(&event)
-        );
-        if let Event::AuctionClosed {
-            winner: w, amount, ..
-        } = &event
-        {
-            winner = Some((w.clone(), *amount));
-        }
-    }
+    let id = open(&demo, &mut admin).await?;
+    let limit =
+        parse_duration(&demo.duration).map_err(anyhow::Error::msg)? + Duration::from_secs(60);
+    let winner = follow(&demo, &recorder, limit).await.with_context(|| {
+        format!(
+            "the auction did not close in time; logs in {}",
+            stack.dir().display()
+        )
+    })?;
     for b in bidders.iter_mut() {
         let code = b.wait_exit(Duration::from_secs(15)).await?;
         anyhow::ensure!(
@@ -230,9 +179,121 @@ async fn main() -> anyhow::Result<()> {
             b.log()
         );
     }
+    report(&demo, &mut admin, &id).await?;
+    server.terminate();
+    server.wait_exit(Duration::from_secs(15)).await?;
+    println!();
+    match winner {
+        (Some(w), Some(a)) => println!(
+            "WINNER: {w} with {} — every bidder saw the close and exited cleanly.",
+            money(a)
+        ),
+        _ => println!("No winner (no bid reached the reserve)."),
+    }
+    if std::env::var("DEMO_KEEP_LOGS").is_ok_and(|v| v == "1") {
+        keep_logs(&stack)?;
+    }
+    println!("{} stopping Redis and cleaning up.", demo.stamp());
+    Ok(())
+}
+
+/// Starts the server on a free port; returns it and the port.
+fn start_server(demo: &Settings, stack: &DevStack) -> anyhow::Result<(Process, u16)> {
+    let grpc_port = free_port()?;
+    let env = [
+        ("REDIS_SENTINELS", stack.sentinels_csv()),
+        ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+        ("AUCTION_DURATION", demo.duration.clone()),
+    ];
+    let server = Process::spawn(
+        stack.dir(),
+        "auction-server",
+        &demo.bin("auction-server"),
+        &[],
+        &env,
+    );
+    println!(
+        "{} started auction-server, gRPC on 127.0.0.1:{grpc_port}",
+        demo.stamp()
+    );
+    Ok((server, grpc_port))
+}
+
+/// Starts the bidders, each with a budget of its own.
+fn start_bidders(demo: &Settings, stack: &DevStack, grpc_port: u16) -> Vec<Process> {
+    let budget = |i: usize| 2000 + 300 * i as u64;
+    let bidders = (1..=demo.clients)
+        .map(|i| {
+            let name = format!("bidder-{i}");
+            let env = [
+                ("REDIS_SENTINELS", stack.sentinels_csv()),
+                ("BIDDER_NAME", name.clone()),
+                ("BID_INTERVAL", demo.interval.clone()),
+                ("MAX_BID", budget(i).to_string()),
+                ("SERVER_ADDR", format!("127.0.0.1:{grpc_port}")),
+                ("HEALTH_ADDR", "127.0.0.1:0".into()),
+            ];
+            Process::spawn(stack.dir(), &name, &demo.bin("auction-client"), &[], &env)
+        })
+        .collect();
+    println!(
+        "{} started {} bidders (budgets {} … {})",
+        demo.stamp(),
+        demo.clients,
+        money(budget(1)),
+        money(budget(demo.clients))
+    );
+    bidders
+}
+
+/// Opens the demo's auction through the admin API; returns its id.
+async fn open(demo: &Settings, admin: &mut Admin) -> anyhow::Result<String> {
+    let request = pb::OpenAuctionRequest {
+        item: "Vintage guitar".into(),
+        starting_price: 100,
+        min_increment: 10,
+        ..Default::default()
+    };
+    let opened = admin
+        .open_auction(request)
+        .await?
+        .into_inner()
+        .auction
+        .context("OpenAuction returned no auction")?;
+    println!(
+        "{} opened auction {} through gRPC AuctionAdmin/OpenAuction\n",
+        demo.stamp(),
+        opened.auction_id
+    );
+    Ok(opened.auction_id)
+}
+
+/// Prints every event as it arrives until the close; returns the winner and amount.
+async fn follow(
+    demo: &Settings,
+    recorder: &Recorder,
+    limit: Duration,
+) -> anyhow::Result<(Option<String>, Option<u64>)> {
+    let deadline = Instant::now() + limit;
+    let mut seen = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = recorder.nth(seen, left).await.context("no close seen")?;
+        seen += 1;
+        let seq = event.seq().map_or("-".into(), |s| s.to_string());
+        println!("{} seq {seq:>3}  {}", demo.stamp(), describe(&event));
+        if let Event::AuctionClosed { winner, amount, .. } = event {
+            return Ok((winner, amount));
+        }
+    }
+}
+
+/// What the admin API says after the close.
+async fn report(demo: &Settings, admin: &mut Admin, id: &str) -> anyhow::Result<()> {
+    let auction_id = id.to_owned();
     let fin = admin
         .get_auction(pb::GetAuctionRequest {
-            auction_id: opened.auction_id.clone(),
+            auction_id: auction_id.clone(),
         })
         .await?
         .into_inner()
@@ -240,7 +301,7 @@ async fn main() -> anyhow::Result<()> {
         .context("GetAuction returned no auction")?;
     let bids = admin
         .list_bids(pb::ListBidsRequest {
-            auction_id: opened.auction_id.clone(),
+            auction_id,
             page_size: 1000,
             ..Default::default()
         })
@@ -249,7 +310,7 @@ async fn main() -> anyhow::Result<()> {
         .bids;
     println!(
         "\n{} GetAuction: state {:?}, {} accepted bids (ListBids returned {}), winner {:?}",
-        stamp(),
+        demo.stamp(),
         pb::AuctionState::try_from(fin.state).unwrap_or(pb::AuctionState::Unspecified),
         fin.bid_count,
         bids.len(),
@@ -257,26 +318,18 @@ async fn main() -> anyhow::Result<()> {
             .as_ref()
             .map(|w| (&w.bidder, money(w.amount as u64)))
     );
-    server.terminate();
-    server.wait_exit(Duration::from_secs(15)).await?;
-    println!();
-    match winner {
-        Some((Some(w), Some(a))) => println!(
-            "WINNER: {w} with {} — every bidder saw the close and exited cleanly.",
-            money(a)
-        ),
-        _ => println!("No winner (no bid reached the reserve)."),
-    }
-    if std::env::var("DEMO_KEEP_LOGS").is_ok_and(|v| v == "1") {
-        let keep = std::env::temp_dir().join(format!("auction-demo-logs-{}", std::process::id()));
-        std::fs::create_dir_all(&keep)?;
-        for entry in std::fs::read_dir(stack.dir())?.flatten() {
-            if entry.path().extension().is_some_and(|e| e == "log") {
-                std::fs::copy(entry.path(), keep.join(entry.file_name()))?;
-            }
+    Ok(())
+}
+
+/// Copies every process's log out of the stack's directory before it is removed.
+fn keep_logs(stack: &DevStack) -> anyhow::Result<()> {
+    let keep = std::env::temp_dir().join(format!("auction-demo-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&keep)?;
+    for entry in std::fs::read_dir(stack.dir())?.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            std::fs::copy(entry.path(), keep.join(entry.file_name()))?;
         }
-        println!("logs kept in {}", keep.display());
     }
-    println!("{} stopping Redis and cleaning up.", stamp());
+    println!("logs kept in {}", keep.display());
     Ok(())
 }

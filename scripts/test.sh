@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
 ensure_grpcurl
 rm -f target/chaos/figures.json
-cargo test --all-targets --locked -- "$@"
+cargo test --workspace --all-targets --locked -- "$@"
 if [ -f target/chaos/figures.json ]; then
   echo "chaos figures (tests/chaos.rs, also in target/chaos/figures.json):"
   cat target/chaos/figures.json

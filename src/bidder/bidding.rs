@@ -8,8 +8,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::bidder::args::BidderArgs;
+use crate::bidder::summary::Summary;
 use crate::bidder::tracking::{Pending, Tracked, adopt, observe};
-use crate::bidder::{BidderArgs, Summary};
 use crate::keyspace::AuctionId;
 use crate::link::sentinel::Master;
 use crate::proto::v1 as pb;

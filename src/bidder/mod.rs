@@ -7,6 +7,7 @@
 //! or the auction closes. Events are checked for `seq` gaps.
 //!
 //! - [`args`]: the configuration.
+//! - [`summary`]: what a bidder did, returned when it stops.
 //! - `bidding`: the bidder's reactions to events and ticks; `tracking`: what it knows of
 //!   its auction and its bid in flight.
 //!
@@ -32,29 +33,12 @@ use crate::wire::Event;
 
 pub mod args;
 mod bidding;
+pub mod summary;
 mod tracking;
 
 pub use args::BidderArgs;
 use bidding::{Bidder, Flow};
-
-/// What a bidder did, returned when it stops.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// Bids published (first attempts).
-    pub sent: u64,
-    /// Re-publications of unanswered bids.
-    pub retries: u64,
-    /// Bids accepted.
-    pub accepted: u64,
-    /// Bids rejected.
-    pub rejected: u64,
-    /// Bids without an outcome when their auction closed.
-    pub unconfirmed: u64,
-    /// Closes seen: (auction, winner, amount).
-    pub closed: Vec<(String, Option<String>, Option<u64>)>,
-    /// `seq` gaps observed.
-    pub gaps: u64,
-}
+pub use summary::Summary;
 
 /// Runs the bidder until its auction closes (or, with `keep_going`, until `shutdown`).
 pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<Summary> {

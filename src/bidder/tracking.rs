@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span};
 
-use crate::bidder::Summary;
+use crate::bidder::summary::Summary;
 use crate::keyspace::AuctionId;
 use crate::runtime::backoff::Backoff;
 use crate::runtime::metrics::Metrics;

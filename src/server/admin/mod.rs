@@ -7,14 +7,11 @@
 //! errors map to `INVALID_ARGUMENT` (naming the field), `NOT_FOUND`, `ALREADY_EXISTS`,
 //! `FAILED_PRECONDITION`, `UNAVAILABLE` (retryable) and `UNAUTHENTICATED`.
 
-use std::pin::Pin;
 use std::time::Duration;
 
-use futures_util::Stream;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
 use crate::control::hub::Hub;
 use crate::keyspace::AuctionId;
@@ -22,16 +19,23 @@ use crate::link::sentinel::Master;
 use crate::proto::v1 as pb;
 use crate::server::router::Router;
 use crate::server::work::OpError;
-use crate::store::ledger::{self, AuctionRecord, AuctionSpec, CloseMode, Closed, HistoryEntry};
-use crate::wire::{self, CloseRequest, Event};
+use crate::store::ledger::{self, AuctionRecord, AuctionSpec, CloseMode, Closed};
+use crate::wire::{CloseRequest, Event};
+
+mod messages;
+mod stored;
+mod watch;
+
+use messages::{
+    amount, bid_to_proto, constant_time_eq, invalid, page_size, parse_id, to_proto, unavailable,
+};
+use watch::WatchStream;
 
 /// Default and largest page sizes.
 const AUCTIONS_PAGE: (usize, usize) = (50, 1000);
 const BIDS_PAGE: (usize, usize) = (100, 1000);
 /// How long an admin close may take before `UNAVAILABLE` (covers a lease takeover).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often a watch re-reads stored state, to catch an event lost on the way.
-const WATCH_RESYNC: Duration = Duration::from_secs(5);
 
 /// The admin service.
 #[derive(Clone)]
@@ -61,169 +65,6 @@ impl From<OpError> for Status {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
-    Status::unavailable(format!("Redis unavailable, retry: {e}"))
-}
-
-fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {problem}"))
-}
-
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
-
-fn parse_id(raw: &str) -> Result<AuctionId, Status> {
-    AuctionId::parse(raw).map_err(|e| invalid("auction_id", e))
-}
-
-fn amount(field: &str, v: i64, min: i64) -> Result<u64, Status> {
-    if v < min || v as u64 > wire::MAX_AMOUNT {
-        return Err(invalid(
-            field,
-            format!(
-                "must be between {min} and {} (minor units)",
-                wire::MAX_AMOUNT
-            ),
-        ));
-    }
-    Ok(v as u64)
-}
-
-fn page_size(raw: i32, (default, max): (usize, usize)) -> Result<usize, Status> {
-    match raw {
-        0 => Ok(default),
-        n if n < 0 || n as usize > max => {
-            Err(invalid("page_size", format!("must be between 0 and {max}")))
-        }
-        n => Ok(n as usize),
-    }
-}
-
-fn timestamp(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-fn high_bid((amount, bidder, bid_id): &(u64, String, String)) -> pb::HighBid {
-    pb::HighBid {
-        amount: *amount as i64,
-        bidder: bidder.clone(),
-        bid_id: bid_id.clone(),
-    }
-}
-
-/// The protobuf view of a stored auction.
-pub fn to_proto(r: &AuctionRecord) -> pb::Auction {
-    let next_min = match &r.high {
-        Some((amount, _, _)) => amount + r.min_increment,
-        None => r.starting_price,
-    };
-    pb::Auction {
-        auction_id: r.auction_id.to_string(),
-        item: r.item.clone(),
-        state: if r.open {
-            pb::AuctionState::Open
-        } else {
-            pb::AuctionState::Closed
-        } as i32,
-        starting_price: r.starting_price as i64,
-        min_increment: r.min_increment as i64,
-        reserve_price: r.reserve_price as i64,
-        high_bid: r.high.as_ref().map(high_bid),
-        bid_count: r.bid_count as i64,
-        opened_at: Some(timestamp(r.opened_ms)),
-        deadline: Some(timestamp(r.deadline_ms)),
-        closed_at: r.closed_ms.map(timestamp),
-        winner: r.winner.as_ref().map(high_bid),
-        seq: r.seq,
-        next_min: if r.open { next_min as i64 } else { 0 },
-    }
-}
-
-fn bid_to_proto(h: &HistoryEntry) -> pb::Bid {
-    pb::Bid {
-        bid_id: h.bid_id.clone(),
-        bidder: h.bidder.clone(),
-        amount: h.amount as i64,
-        seq: h.seq,
-        accepted_at: Some(timestamp(h.at_ms)),
-        fencing_token: h.fence,
-    }
-}
-
-/// The protobuf view of a live event (`None` for `auction_opened`, which a watch shows as
-/// its snapshot).
-pub fn event_to_proto(e: &Event) -> Option<pb::AuctionEvent> {
-    use pb::auction_event::Kind;
-    let (seq, kind) = match e {
-        Event::AuctionOpened { .. } => return None,
-        Event::BidAccepted {
-            seq,
-            bid_id,
-            bidder,
-            amount,
-            next_min,
-            ..
-        } => (
-            *seq,
-            Kind::BidAccepted(pb::BidAccepted {
-                bid_id: bid_id.clone(),
-                bidder: bidder.clone(),
-                amount: *amount as i64,
-                next_min: *next_min as i64,
-            }),
-        ),
-        Event::BidRejected {
-            seq,
-            bid_id,
-            bidder,
-            amount,
-            reason,
-            next_min,
-            ..
-        } => (
-            seq.unwrap_or(0),
-            Kind::BidRejected(pb::BidRejected {
-                bid_id: bid_id.clone(),
-                bidder: bidder.clone().unwrap_or_default(),
-                amount: amount.unwrap_or(0) as i64,
-                reason: reason.as_str().to_owned(),
-                next_min: next_min.unwrap_or(0) as i64,
-            }),
-        ),
-        Event::AuctionClosed {
-            seq,
-            winner,
-            amount,
-            bid_id,
-            bid_count,
-            closed_at_ms,
-            ..
-        } => (
-            *seq,
-            Kind::AuctionClosed(pb::AuctionClosed {
-                winner: winner.clone().unwrap_or_default(),
-                amount: amount.unwrap_or(0) as i64,
-                bid_id: bid_id.clone().unwrap_or_default(),
-                bid_count: *bid_count as i64,
-                closed_at: Some(timestamp(*closed_at_ms)),
-            }),
-        ),
-    };
-    Some(pb::AuctionEvent {
-        seq,
-        kind: Some(kind),
-    })
-}
-
 impl AdminService {
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let Some(token) = &self.admin_token else {
@@ -247,20 +88,11 @@ impl AdminService {
     }
 
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, Status> {
-        let link = self
-            .master
-            .link(Duration::from_secs(1))
-            .await
-            .map_err(unavailable)?;
-        Ok(link.conn)
+        stored::conn(&self.master).await
     }
 
     async fn read(&self, id: &AuctionId) -> Result<AuctionRecord, Status> {
-        let mut conn = self.conn().await?;
-        ledger::get(&mut conn, id)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| Status::not_found(format!("no auction {id}")))
+        stored::read(&self.master, id).await
     }
 
     fn spec(&self, r: &pb::OpenAuctionRequest) -> Result<AuctionSpec, Status> {
@@ -315,8 +147,6 @@ impl AdminService {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchAuctionResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl pb::auction_admin_server::AuctionAdmin for AdminService {
     async fn open_auction(
@@ -366,7 +196,11 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         req: Request<pb::WatchAuctionRequest>,
     ) -> Result<Response<Self::WatchAuctionStream>, Status> {
         let span = rpc_span("WatchAuction", &req);
-        self.watch_auction_impl(req).instrument(span).await
+        let watching = async {
+            let id = parse_id(&req.get_ref().auction_id)?;
+            watch::watch(&self.hub, &self.master, id).await
+        };
+        watching.instrument(span).await
     }
 }
 
@@ -561,100 +395,5 @@ impl AdminService {
             bids: page.iter().map(|(_, h)| bid_to_proto(h)).collect(),
             next_page_token: next,
         }))
-    }
-
-    async fn watch_auction_impl(
-        &self,
-        req: Request<pb::WatchAuctionRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
-        let id = parse_id(&req.get_ref().auction_id)?;
-        // Listen before reading the snapshot, so no event falls between the two.
-        let events = self.hub.subscribe().await;
-        let snapshot = self.read(&id).await?;
-        let (tx, rx) = mpsc::channel(64);
-        let service = self.clone();
-        // The task lives as long as the client listens: it stops when the stream's
-        // receiver is dropped (client gone), when the auction closes, or at shutdown.
-        tokio::spawn(async move {
-            if let Err(e) = service.pump(id, snapshot, events, &tx).await {
-                let _ = tx.send(Err(e)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-type WatchTx = mpsc::Sender<Result<pb::WatchAuctionResponse, Status>>;
-
-impl AdminService {
-    async fn send_snapshot(tx: &WatchTx, rec: &AuctionRecord) -> bool {
-        let msg = pb::WatchAuctionResponse {
-            kind: Some(pb::watch_auction_response::Kind::Snapshot(to_proto(rec))),
-        };
-        tx.send(Ok(msg)).await.is_ok()
-    }
-
-    async fn pump(
-        &self,
-        id: AuctionId,
-        snapshot: AuctionRecord,
-        mut events: broadcast::Receiver<std::sync::Arc<Event>>,
-        tx: &WatchTx,
-    ) -> Result<(), Status> {
-        let mut last = snapshot.seq;
-        if !Self::send_snapshot(tx, &snapshot).await || !snapshot.open {
-            return Ok(());
-        }
-        let mut resync = tokio::time::interval(WATCH_RESYNC);
-        resync.tick().await;
-        loop {
-            let need_snapshot = tokio::select! {
-                _ = tx.closed() => return Ok(()),
-                _ = resync.tick() => true,
-                ev = events.recv() => match ev {
-                    Ok(ev) => {
-                        if ev.auction_id() != Some(id.as_str()) {
-                            continue;
-                        }
-                        match ev.seq() {
-                            Some(s) if s <= last => continue,
-                            Some(s) if s > last + 1 => true,
-                            seq => {
-                                if let Some(s) = seq {
-                                    last = s;
-                                }
-                                if let Some(pe) = event_to_proto(&ev) {
-                                    let msg = pb::WatchAuctionResponse { kind: Some(pb::watch_auction_response::Kind::Event(pe)) };
-                                    if tx.send(Ok(msg)).await.is_err() {
-                                        return Ok(());
-                                    }
-                                }
-                                if matches!(&*ev, Event::AuctionClosed { .. }) {
-                                    return Ok(());
-                                }
-                                false
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        warn!(auction = %id, missed = n, "watch fell behind; resyncing from stored state");
-                        true
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Err(Status::unavailable("server shutting down")),
-                },
-            };
-            if need_snapshot {
-                let rec = self.read(&id).await?;
-                if rec.seq > last {
-                    last = rec.seq;
-                    if !Self::send_snapshot(tx, &rec).await {
-                        return Ok(());
-                    }
-                }
-                if !rec.open {
-                    return Ok(());
-                }
-            }
-        }
     }
 }
