@@ -21,7 +21,7 @@ use auction::runtime::config::{DEFAULT_COMMAND_CHANNEL, RedisArgs};
 use auction::runtime::task::TaskGuard;
 use auction::store::ledger;
 use auction::wire::{Bid, Event};
-use auction_testkit::{DevStack, DevStackConfig};
+use auction_testkit::{DevStack, DevStackConfig, eventually};
 use support::*;
 
 const AUCTIONS: usize = 3;
@@ -122,64 +122,78 @@ async fn kill_master(stack: &mut DevStack) -> (f64, Instant) {
         .expect("failover after kill");
     let promoted = t.elapsed().as_secs_f64();
     stack.restart_node(old).await.expect("restart old master");
-    let until = Instant::now() + Duration::from_secs(60);
-    while stack.wait_for_replica_link(old).await.is_err() {
-        assert!(
-            Instant::now() < until,
-            "old master never rejoined as a replica"
-        );
-    }
+    wait_rejoined(stack, old, "the old master to rejoin as a replica").await;
     (promoted, t)
+}
+
+/// Waits up to 60 s until data node `index` is a connected replica of the current master.
+async fn wait_rejoined(stack: &DevStack, index: usize, what: &str) {
+    eventually(what, Duration::from_secs(60), || async {
+        stack
+            .wait_for_replica_link(index)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Waits until every Sentinel lists every replica as an up, linked replica that has
 /// reported that role for at least 3 s.
 async fn wait_sentinels_settled(stack: &DevStack) {
-    let until = Instant::now() + Duration::from_secs(60);
     let want = stack.redis_ports().len() - 1;
-    loop {
-        let mut settled = true;
-        for addr in stack.sentinel_addrs() {
-            let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
-            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                settled = false;
-                continue;
-            };
-            let replicas: Vec<Vec<String>> = redis::cmd("SENTINEL")
-                .arg("replicas")
-                .arg("mymaster")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            let healthy = replicas
-                .iter()
-                .filter(|fields| {
-                    let get = |k: &str| {
-                        fields
-                            .chunks(2)
-                            .find(|kv| kv[0] == k)
-                            .and_then(|kv| kv.get(1))
-                            .cloned()
-                            .unwrap_or_default()
-                    };
-                    !get("flags").contains("down")
-                        && !get("flags").contains("disconnected")
-                        && get("role-reported") == "slave"
-                        && get("master-link-status") == "ok"
-                        && get("role-reported-time").parse::<u64>().unwrap_or(0) >= 3000
-                })
-                .count();
-            settled &= healthy >= want;
-        }
-        if settled {
-            return;
-        }
-        assert!(
-            Instant::now() < until,
-            "Sentinels never agreed on {want} healthy replicas"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let what = format!("every Sentinel to agree on {want} healthy replicas");
+    // Each check opens a connection to every Sentinel: every 250 ms is often enough.
+    eventually_every(
+        &what,
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let mut settled = true;
+            let mut seen = Vec::new();
+            for addr in stack.sentinel_addrs() {
+                let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    settled = false;
+                    seen.push(format!("{addr}: unreachable"));
+                    continue;
+                };
+                let replicas: Vec<Vec<String>> = redis::cmd("SENTINEL")
+                    .arg("replicas")
+                    .arg("mymaster")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                let healthy = replicas
+                    .iter()
+                    .filter(|fields| {
+                        let get = |k: &str| {
+                            fields
+                                .chunks(2)
+                                .find(|kv| kv[0] == k)
+                                .and_then(|kv| kv.get(1))
+                                .cloned()
+                                .unwrap_or_default()
+                        };
+                        !get("flags").contains("down")
+                            && !get("flags").contains("disconnected")
+                            && get("role-reported") == "slave"
+                            && get("master-link-status") == "ok"
+                            && get("role-reported-time").parse::<u64>().unwrap_or(0) >= 3000
+                    })
+                    .count();
+                settled &= healthy >= want;
+                seen.push(format!("{addr}: {healthy} healthy"));
+            }
+            if settled {
+                Ok(())
+            } else {
+                Err(seen.join(", "))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// The server process whose lock owner id holds `auction`'s lease (owner ids embed the pid).
@@ -289,11 +303,18 @@ async fn run() {
             .filter(|(_, e)| matches!(e, Event::BidAccepted { .. }))
             .count()
     };
-    let until = Instant::now() + Duration::from_secs(20);
-    while accepted_so_far(&recorder) < 20 {
-        assert!(Instant::now() < until, "bids never started flowing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "bids to start flowing (20 accepted)",
+        Duration::from_secs(20),
+        || async {
+            match accepted_so_far(&recorder) {
+                n if n >= 20 => Ok(()),
+                n => Err(format!("{n} accepted")),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
 
     // --- Faults -----------------------------------------------------------------------
     let mut promotions = Vec::new();
@@ -317,29 +338,36 @@ async fn run() {
     // A Sentinel refuses while it still counts a previous failover (2 x failover-timeout)
     // or while no replica is fit; ask each in turn until one accepts (bounded).
     let t = Instant::now();
-    let until = Instant::now() + Duration::from_secs(40);
-    'asked: loop {
-        for addr in stack.sentinel_addrs() {
-            let sentinel = redis::Client::open(format!("redis://{addr}/")).expect("client");
-            let Ok(mut sconn) = sentinel.get_multiplexed_async_connection().await else {
-                continue;
-            };
-            match redis::cmd("SENTINEL")
-                .arg("FAILOVER")
-                .arg("mymaster")
-                .query_async::<String>(&mut sconn)
-                .await
-            {
-                Ok(_) => break 'asked,
-                Err(e) => eprintln!("chaos: SENTINEL FAILOVER via {addr} refused: {e}"),
+    eventually_every(
+        "a Sentinel to accept SENTINEL FAILOVER",
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        || async {
+            let mut refusals = Vec::new();
+            for addr in stack.sentinel_addrs() {
+                let sentinel = redis::Client::open(format!("redis://{addr}/")).expect("client");
+                let Ok(mut sconn) = sentinel.get_multiplexed_async_connection().await else {
+                    refusals.push(format!("{addr}: unreachable"));
+                    continue;
+                };
+                match redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg("mymaster")
+                    .query_async::<String>(&mut sconn)
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    Err(e) => {
+                        eprintln!("chaos: SENTINEL FAILOVER via {addr} refused: {e}");
+                        refusals.push(format!("{addr} refused: {e}"));
+                    }
+                }
             }
-        }
-        assert!(
-            Instant::now() < until,
-            "no Sentinel accepted SENTINEL FAILOVER"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+            Err(refusals.join("; "))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     stack
         .wait_for_master_change(old_port, Duration::from_secs(30))
         .await
@@ -347,13 +375,12 @@ async fn run() {
     let manual_promotion = t.elapsed().as_secs_f64();
     eprintln!("chaos: SENTINEL FAILOVER promoted after {manual_promotion:.2}s");
     let old = stack.node_index(old_port).expect("node");
-    let until = Instant::now() + Duration::from_secs(60);
-    while stack.wait_for_replica_link(old).await.is_err() {
-        assert!(
-            Instant::now() < until,
-            "old master never became a replica after the manual failover"
-        );
-    }
+    wait_rejoined(
+        &stack,
+        old,
+        "the old master to become a replica after the manual failover",
+    )
+    .await;
     let (promoted, t) = kill_master(&mut stack).await;
     eprintln!("chaos: master kill 3 promoted after {promoted:.2}s");
     promotions.push(promoted);
@@ -388,17 +415,18 @@ async fn run() {
         .wait_exit(Duration::from_secs(10))
         .await
         .expect("killed");
-    let takeover_until = Instant::now() + Duration::from_secs(30);
-    let takeover = loop {
-        if let Some(at) = recorder.first_accept_after(t_server_kill, Some(&victim_auctions)) {
-            break at.duration_since(t_server_kill).as_secs_f64();
-        }
-        assert!(
-            Instant::now() < takeover_until,
-            "no bid accepted on the killed server's auctions within 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let takeover = eventually(
+        "a bid accepted on the killed server's auctions",
+        Duration::from_secs(30),
+        || async {
+            recorder
+                .first_accept_after(t_server_kill, Some(&victim_auctions))
+                .map(|at| at.duration_since(t_server_kill).as_secs_f64())
+                .ok_or_else(|| format!("none on {victim_auctions:?} since the kill"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("chaos: server kill -> first accepted bid on its auctions after {takeover:.2}s");
     servers.push(server(
         &stack,
@@ -411,21 +439,24 @@ async fn run() {
     // Pause the holder of an auction's lease for longer than the lease. Wait until a live
     // server holds it (the killed server's lease may not have expired yet).
     let target = ids[0].clone();
-    let until = Instant::now() + Duration::from_secs(30);
-    let paused = loop {
-        let holder = holder_pid(&stack, &target).await;
-        if let Some(i) = servers
+    let what = format!("a live server to hold the lease of {target}");
+    let paused = eventually(&what, Duration::from_secs(30), || {
+        let live: Vec<(usize, u32)> = servers
             .iter_mut()
-            .position(|s| Some(s.pid()) == holder && s.running())
-        {
-            break i;
+            .enumerate()
+            .filter_map(|(i, s)| s.running().then(|| (i, s.pid())))
+            .collect();
+        let (stack, target) = (&stack, &target);
+        async move {
+            let holder = holder_pid(stack, target).await;
+            live.iter()
+                .find(|(_, pid)| Some(*pid) == holder)
+                .map(|(i, _)| *i)
+                .ok_or_else(|| format!("holder pid {holder:?}, live servers (index, pid) {live:?}"))
         }
-        assert!(
-            Instant::now() < until,
-            "no live server took the lease of {target}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let paused_token = {
         let mut conn = master_conn(&stack).await;
         let v: Option<String> = redis::cmd("GET")
@@ -442,33 +473,55 @@ async fn run() {
     eprintln!("chaos: paused the holder of {target} (token {paused_token}) for 6s");
 
     // --- Wind down: let every auction close, then every recorded bid resolve. ------------
-    let close_until = Instant::now() + Duration::from_secs(AUCTION_SECONDS as u64 + 60);
-    let mut finals = HashMap::new();
-    for id in &ids {
-        loop {
+    // Each check opens a connection to the master: every 250 ms is often enough.
+    let finals = eventually_every(
+        "every auction to close",
+        Duration::from_secs(AUCTION_SECONDS as u64 + 60),
+        Duration::from_millis(250),
+        || async {
             let mut conn = master_conn(&stack).await;
-            if let Ok(Some(rec)) = ledger::get(&mut conn, &AuctionId::parse(id).expect("id")).await
-                && !rec.open
-            {
-                finals.insert(id.clone(), rec);
-                break;
+            let mut finals = HashMap::new();
+            let mut open = Vec::new();
+            for id in &ids {
+                match ledger::get(&mut conn, &AuctionId::parse(id).expect("id")).await {
+                    Ok(Some(rec)) if !rec.open => {
+                        finals.insert(id.clone(), rec);
+                    }
+                    Ok(Some(_)) => open.push(format!("{id} open")),
+                    Ok(None) => open.push(format!("{id} missing")),
+                    Err(e) => open.push(format!("{id}: {e}")),
+                }
             }
-            assert!(Instant::now() < close_until, "{id} never closed");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-    let resolve_until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let unresolved = sent
-            .lock()
-            .expect("lock")
-            .values()
-            .filter(|s| !recorder.outcome_of(&s.bid.bid_id))
-            .count();
-        if unresolved == 0 || Instant::now() > resolve_until {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            if open.is_empty() {
+                Ok(finals)
+            } else {
+                Err(open.join(", "))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // Best effort: bids still without an outcome after 30 s are judged below.
+    let resolved = eventually(
+        "every recorded bid to get an outcome",
+        Duration::from_secs(30),
+        || async {
+            let unresolved = sent
+                .lock()
+                .expect("lock")
+                .values()
+                .filter(|s| !recorder.outcome_of(&s.bid.bid_id))
+                .count();
+            if unresolved == 0 {
+                Ok(())
+            } else {
+                Err(format!("{unresolved} unresolved"))
+            }
+        },
+    )
+    .await;
+    if let Err(e) = resolved {
+        eprintln!("chaos: {e:#}");
     }
     let _ = stop_tx.send(true);
     // Our bidders saw their auction close (by event, or by resync from stored state after

@@ -10,7 +10,7 @@ use auction::keyspace::AuctionId;
 use auction::store::ledger::{self, AuctionSpec, CloseAs, CloseMode, Closed, LedgerError};
 use auction::store::lock::{self, Acquire, Lease};
 use auction::wire::{Bid, Event, RejectReason};
-use auction_testkit::{DevStack, DevStackConfig};
+use auction_testkit::{DevStack, DevStackConfig, eventually};
 use redis::aio::MultiplexedConnection;
 use support::master_conn;
 
@@ -64,23 +64,24 @@ async fn take(
 }
 
 /// Polls until the lock key is gone (the lease expired), bounded.
-async fn wait_expired(conn: &mut MultiplexedConnection, id: &AuctionId) {
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(id.lock_key())
-            .query_async(conn)
-            .await
-            .expect("PTTL");
-        if pttl == -2 {
-            return;
+async fn wait_expired(conn: &MultiplexedConnection, id: &AuctionId) {
+    eventually("the lease to expire", Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(id.lock_key())
+                .query_async(&mut conn)
+                .await
+                .expect("PTTL");
+            if pttl == -2 {
+                Ok(())
+            } else {
+                Err(format!("pttl {pttl}"))
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "lease never expired (pttl {pttl})"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 #[tokio::test]
@@ -166,7 +167,7 @@ async fn a_holder_whose_lease_expired_cannot_write_and_cannot_release_the_new_le
         .query_async(&mut conn)
         .await
         .expect("PEXPIRE");
-    wait_expired(&mut conn, &id).await;
+    wait_expired(&conn, &id).await;
 
     // Nobody holds it: the old holder's write is still refused inside Redis.
     let r = ledger::place_bids(&mut conn, &old, &[bid(&id, "x1", "old", 500)]).await;
@@ -397,18 +398,25 @@ async fn the_deadline_is_judged_by_redis_time_and_the_reserve_decides_the_winner
         .await
         .expect("bid");
     // Wait until Redis's own clock passes the deadline (the only clock that counts).
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while auction::server::closer::redis_now_ms(&mut conn)
-        .await
-        .expect("TIME")
-        < deadline_ms
-    {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "Redis time never reached the deadline"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "Redis time to reach the deadline",
+        Duration::from_secs(5),
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let now = auction::server::closer::redis_now_ms(&mut conn)
+                    .await
+                    .expect("TIME");
+                if now >= deadline_ms {
+                    Ok(())
+                } else {
+                    Err(format!("Redis time {now} ms, deadline {deadline_ms} ms"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let late = ledger::place_bids(&mut conn, &lease, &[bid(&id, "r2", "bob", 5000)])
         .await
         .expect("bid");

@@ -17,6 +17,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use auction_testkit::eventually;
 use deploy::{Loopback, Rendered};
 use serde_json::Value;
 use support::*;
@@ -297,18 +298,21 @@ fn start_redis_pod(
 }
 
 /// `SENTINEL MASTER name` as a map.
-fn sentinel_master(port: u16, admin: &str) -> Option<std::collections::HashMap<String, String>> {
-    let mut conn = deploy::try_connect_as(port, Some(("admin", admin))).ok()?;
+fn sentinel_master(
+    port: u16,
+    admin: &str,
+) -> Result<std::collections::HashMap<String, String>, String> {
+    let mut conn = deploy::try_connect_as(port, Some(("admin", admin)))
+        .map_err(|e| format!("connect to Sentinel on {port}: {e}"))?;
     let flat: Vec<String> = redis::cmd("SENTINEL")
         .arg("MASTER")
         .arg("mymaster")
         .query(&mut conn)
-        .ok()?;
-    Some(
-        flat.chunks(2)
-            .map(|kv| (kv[0].clone(), kv[1].clone()))
-            .collect(),
-    )
+        .map_err(|e| format!("SENTINEL MASTER on {port}: {e}"))?;
+    Ok(flat
+        .chunks(2)
+        .map(|kv| (kv[0].clone(), kv[1].clone()))
+        .collect())
 }
 
 fn listen_port(env: &[(String, String)], key: &str) -> u16 {
@@ -375,24 +379,33 @@ async fn run_from_manifests(dir: &str) {
             base.path(),
         ));
     }
-    deploy::eventually(
+    eventually(
         "the master to see its replicas online",
         Duration::from_secs(30),
-        || {
-            let mut conn = deploy::try_connect_as(initial_master, Some(("admin", &admin))).ok()?;
+        || async {
+            let mut conn = deploy::try_connect_as(initial_master, Some(("admin", &admin)))
+                .map_err(|e| format!("connect to the master on {initial_master}: {e}"))?;
             let info: String = redis::cmd("INFO")
                 .arg("replication")
                 .query(&mut conn)
-                .ok()?;
+                .map_err(|e| format!("INFO replication: {e}"))?;
             let online = info
                 .lines()
                 .filter(|l| l.starts_with("slave") && l.contains("state=online"))
                 .count();
-            (auction_testkit::info_field(&info, "role") == Some("master") && online == nodes - 1)
-                .then_some(())
+            let role = auction_testkit::info_field(&info, "role");
+            if role == Some("master") && online == nodes - 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "role {role:?}, {online} of {} replicas online",
+                    nodes - 1
+                ))
+            }
         },
     )
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
 
     for (i, port) in sentinel_ports.iter().enumerate() {
         processes.push(start_redis_pod(
@@ -406,18 +419,28 @@ async fn run_from_manifests(dir: &str) {
         ));
     }
     for port in &sentinel_ports {
-        deploy::eventually(
-            "each Sentinel to know the master, its replicas and its peers",
+        eventually(
+            &format!("the Sentinel on {port} to know the master, its replicas and its peers"),
             Duration::from_secs(30),
-            || {
+            || async {
                 let m = sentinel_master(*port, &admin)?;
                 let ok = m.get("port") == Some(&initial_master.to_string())
                     && m.get("num-slaves") == Some(&(nodes - 1).to_string())
                     && m.get("num-other-sentinels") == Some(&(sentinels - 1).to_string());
-                ok.then_some(())
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "port {:?}, num-slaves {:?}, num-other-sentinels {:?}",
+                        m.get("port"),
+                        m.get("num-slaves"),
+                        m.get("num-other-sentinels")
+                    ))
+                }
             },
         )
-        .await;
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     // The server and one bidder with exactly the manifests' environment; only addresses move
@@ -481,25 +504,29 @@ async fn run_from_manifests(dir: &str) {
     )
     .await;
     assert!(opened.ok, "OpenAuction with the Secret's token: {opened:?}");
-    let until = tokio::time::Instant::now() + Duration::from_secs(40);
-    let auction = loop {
-        let got = grpcurl(
-            grpc,
-            "auction.v1.AuctionAdmin/GetAuction",
-            Some(r#"{"auction_id":"manifests-1"}"#),
-            None,
-        )
-        .await;
-        let auction = got.json()["auction"].clone();
-        if auction["state"] == "AUCTION_STATE_CLOSED" {
-            break auction;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the auction did not close: {auction}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    // Each check starts a grpcurl process: every 500 ms is often enough.
+    let auction = eventually_every(
+        "the auction manifests-1 to close",
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        || async {
+            let got = grpcurl(
+                grpc,
+                "auction.v1.AuctionAdmin/GetAuction",
+                Some(r#"{"auction_id":"manifests-1"}"#),
+                None,
+            )
+            .await;
+            let auction = got.json()["auction"].clone();
+            if auction["state"] == "AUCTION_STATE_CLOSED" {
+                Ok(auction)
+            } else {
+                Err(auction.to_string())
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(auction["winner"]["bidder"], "auction-client-0", "{auction}");
 
     // Not one command refused anywhere: data nodes (server, bidder, Sentinels, replication)

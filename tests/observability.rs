@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use auction::runtime::config::DEFAULT_COMMAND_CHANNEL;
 use auction::wire::Event;
+use auction_testkit::eventually;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -131,34 +132,36 @@ async fn one_bid_is_one_trace_from_bidder_to_server_and_back() {
             .expect("server exits (and flushes its spans)");
 
         // The bidder's "bid" span and the server's "bid.judge" span share a trace id.
-        let until = tokio::time::Instant::now() + Duration::from_secs(20);
-        let (client_span, judge) = loop {
-            let spans = receiver.spans.lock().expect("lock").clone();
-            let found = spans
-                .iter()
-                .filter(|s| s.service == "test-bidder" && s.name == "bid")
-                .find_map(|c| {
-                    let bid_id = c.attrs.get("bid_id")?;
-                    let judge = spans.iter().find(|s| {
-                        s.service == "test-server"
-                            && s.name == "bid.judge"
-                            && s.attrs.get("bid_id") == Some(bid_id)
-                    })?;
-                    Some((c.clone(), judge.clone()))
-                });
-            if let Some(found) = found {
-                break found;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "no linked bid/bid.judge spans; received: {:#?}",
-                spans
+        let (client_span, judge) = eventually(
+            "a bid span and a bid.judge span with the same bid_id",
+            Duration::from_secs(20),
+            || async {
+                let spans = receiver.spans.lock().expect("lock").clone();
+                let found = spans
                     .iter()
-                    .map(|s| (&s.service, &s.name, &s.attrs))
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+                    .filter(|s| s.service == "test-bidder" && s.name == "bid")
+                    .find_map(|c| {
+                        let bid_id = c.attrs.get("bid_id")?;
+                        let judge = spans.iter().find(|s| {
+                            s.service == "test-server"
+                                && s.name == "bid.judge"
+                                && s.attrs.get("bid_id") == Some(bid_id)
+                        })?;
+                        Some((c.clone(), judge.clone()))
+                    });
+                found.ok_or_else(|| {
+                    format!(
+                        "no linked bid/bid.judge spans; received: {:#?}",
+                        spans
+                            .iter()
+                            .map(|s| (&s.service, &s.name, &s.attrs))
+                            .collect::<Vec<_>>()
+                    )
+                })
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(
             client_span.trace_id, judge.trace_id,
             "one trace id links the bidder's bid to the server's processing"
@@ -225,15 +228,14 @@ async fn the_metrics_endpoint_counts_what_happened() {
         })
         .await;
         let url = format!("http://127.0.0.1:{metrics_port}/metrics");
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        let text = loop {
-            let body = scrape(&url).await;
-            if body.as_deref().is_some_and(|t| t.contains("auction_bids_duplicate_total 1")) {
-                break body.unwrap_or_default();
+        let text = eventually("the metrics to show the duplicate", Duration::from_secs(10), || async {
+            match scrape(&url).await {
+                Some(t) if t.contains("auction_bids_duplicate_total 1") => Ok(t),
+                body => Err(format!("{body:?}")),
             }
-            assert!(tokio::time::Instant::now() < until, "metrics never showed the duplicate: {body:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(metric(&text, "auction_messages_received_total"), 15.0);
         assert_eq!(metric(&text, "auction_messages_malformed_total{reason=\"malformed\"}"), 2.0, "not JSON objects");
         assert_eq!(metric(&text, "auction_messages_malformed_total{reason=\"unsupported_version\"}"), 1.0, "{{}} has no v");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use auction::link::sentinel::{self, Master, ResolveError, Settings};
 use auction::link::subscription::Subscription;
 use auction::runtime::config::HostPort;
+use auction_testkit::eventually;
 use support::*;
 use tokio::sync::mpsc;
 
@@ -74,7 +75,7 @@ async fn the_master_handle_and_subscriptions_follow_a_failover() {
             .await
             .expect("first link");
         assert_eq!(first.addr.port, stack.node_port(0));
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(16);
         let sub = Subscription::start(master.clone(), vec!["probe".into()], tx);
         let mut live = sub.watch_live();
         tokio::time::timeout(Duration::from_secs(10), live.wait_for(|l| *l))
@@ -88,19 +89,19 @@ async fn the_master_handle_and_subscriptions_follow_a_failover() {
             .await
             .expect("failover");
         // The handle re-resolves by itself (probe failure, +switch-master, or both).
-        let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        let second = loop {
-            if let Ok(l) = master.link(Duration::from_secs(1)).await
-                && l.addr.port == new_port
-            {
-                break l;
+        let what = format!("the handle to move to the new master on {new_port}");
+        let second = eventually(&what, Duration::from_secs(30), || async {
+            match master.link(Duration::from_secs(1)).await {
+                Ok(l) if l.addr.port == new_port => Ok(l),
+                Ok(l) => Err(format!(
+                    "linked to {} (generation {})",
+                    l.addr, l.generation
+                )),
+                Err(e) => Err(e.to_string()),
             }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "handle never moved to the new master"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
         assert!(second.generation > first.generation);
         // The new master refuses writes (NOREPLICAS) until the surviving replica has
         // been repointed at it and synced.
@@ -118,24 +119,30 @@ async fn the_master_handle_and_subscriptions_follow_a_failover() {
 
         // The subscription is re-established on the new master: publish until it arrives
         // (Pub/Sub is at-most-once, so a message sent before resubscription is lost).
-        let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let _: u64 = redis::cmd("PUBLISH")
-                .arg("probe")
-                .arg("hello")
-                .query_async(&mut conn)
-                .await
-                .expect("publish");
-            if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
-            {
-                assert_eq!(msg.payload, b"hello");
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "subscription never came back after failover"
-            );
-        }
+        // (The receiver sits behind a lock because each probe borrows it anew.)
+        let rx = tokio::sync::Mutex::new(rx);
+        let msg = eventually(
+            "the subscription to come back after failover",
+            Duration::from_secs(30),
+            || async {
+                let mut conn = conn.clone();
+                let _: u64 = redis::cmd("PUBLISH")
+                    .arg("probe")
+                    .arg("hello")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("publish");
+                match tokio::time::timeout(Duration::from_millis(200), rx.lock().await.recv()).await
+                {
+                    Ok(Some(msg)) => Ok(msg),
+                    Ok(None) => Err("the subscription's channel closed".to_owned()),
+                    Err(_) => Err("published; nothing delivered within 200 ms".to_owned()),
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(msg.payload, b"hello");
         assert!(sub.is_live());
     })
     .await

@@ -454,18 +454,3 @@ pub fn acl_denials(port: u16, admin_password: &str) -> Vec<String> {
         })
         .collect()
 }
-
-/// Polls `probe` every 100 ms until it returns `Some`, for at most `limit`.
-pub async fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let until = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
