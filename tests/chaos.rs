@@ -57,6 +57,7 @@ async fn recording_bidder(
             bid_id: format!("{name}-{n}"),
             bidder: name.clone(),
             amount,
+            max_amount: None,
             traceparent: None,
         };
         let mut to_send = vec![bid.clone()];

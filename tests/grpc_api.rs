@@ -73,7 +73,7 @@ async fn grpcurl_drives_every_rpc_with_reflection_auth_and_precise_errors() {
 
         // Validation names the offending field.
         for (req, field) in [
-            (r#"{"item":"x","starting_price":"0","min_increment":"1"}"#, "starting_price"),
+            (r#"{"item":"x","starting_price":"-5","min_increment":"1"}"#, "starting_price"),
             (r#"{"item":"","starting_price":"1","min_increment":"1"}"#, "item"),
             (r#"{"item":"x","starting_price":"1","min_increment":"-1"}"#, "min_increment"),
             (r#"{"item":"x","starting_price":"1","min_increment":"1","duration":"0.1s"}"#, "duration"),

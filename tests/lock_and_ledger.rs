@@ -34,6 +34,7 @@ fn spec() -> AuctionSpec {
         starting_price: 100,
         min_increment: 10,
         reserve_price: 0,
+        soft_close: Duration::ZERO,
     }
 }
 
@@ -43,6 +44,7 @@ fn bid(id: &AuctionId, bid_id: &str, bidder: &str, amount: u64) -> Bid {
         bid_id: bid_id.into(),
         bidder: bidder.into(),
         amount,
+        max_amount: None,
         traceparent: None,
     }
 }

@@ -255,6 +255,7 @@ pub(crate) async fn bidder(load: BidderLoad, mut conn: RespConn) {
                 bid_id: bid_id(load.step, load.bidder, n, load.shared.us(sent)),
                 bidder: name.clone(),
                 amount,
+                max_amount: None,
                 traceparent: None,
             };
             conn.publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())

@@ -123,6 +123,7 @@ pub(crate) async fn open_auctions(
                         min_increment: 1,
                         reserve_price: 0,
                         auction_id: auction_id(step, i),
+                        soft_close: None,
                     };
                     match client.open_auction(req).await {
                         Ok(resp) => {

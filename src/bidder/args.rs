@@ -35,6 +35,11 @@ pub struct BidderArgs {
     /// Budget: never bid above this, minor units.
     #[arg(long, env = "MAX_BID", default_value_t = DEFAULT_MAX_BID)]
     pub max_bid: u64,
+    /// Bid by proxy: send one bid at the current minimum with this as its `max_amount`
+    /// (secret; the server raises the price for this bidder up to it as others bid), and
+    /// bid again only when outbid and the price is still within it. Overrides MAX_BID.
+    #[arg(long, env = "PROXY_MAX", value_name = "AMOUNT")]
+    pub proxy_max: Option<u64>,
     /// Re-publish an unanswered bid (same bid_id) after this long.
     #[arg(long, env = "BID_RETRY_AFTER", default_value = DEFAULT_RETRY_AFTER, value_parser = parse_duration)]
     pub retry_after: Duration,
@@ -77,11 +82,22 @@ impl BidderArgs {
         if self.max_bid == 0 || self.max_bid > wire::MAX_AMOUNT {
             anyhow::bail!("MAX_BID must be between 1 and {}", wire::MAX_AMOUNT);
         }
+        if self
+            .proxy_max
+            .is_some_and(|m| m == 0 || m > wire::MAX_AMOUNT)
+        {
+            anyhow::bail!("PROXY_MAX must be between 1 and {}", wire::MAX_AMOUNT);
+        }
         if let Some(id) = &self.auction_id {
             AuctionId::parse(id)?;
         }
         self.server_endpoint()?;
         Ok(())
+    }
+
+    /// The most this bidder pays: `PROXY_MAX` when bidding by proxy, else `MAX_BID`.
+    pub fn budget(&self) -> u64 {
+        self.proxy_max.unwrap_or(self.max_bid)
     }
 
     /// `SERVER_ADDR` as a gRPC endpoint (`host:port` or `http://host:port`).

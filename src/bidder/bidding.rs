@@ -5,12 +5,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::bidder::args::BidderArgs;
+use crate::bidder::discovery::{Discovery, find_open};
 use crate::bidder::summary::Summary;
-use crate::bidder::tracking::{Pending, Tracked, adopt, observe};
+use crate::bidder::tracking::{Pending, Tracked, adopt, adopt_stored, observe, timestamp_ms};
 use crate::keyspace::AuctionId;
 use crate::link::sentinel::Master;
 use crate::proto::v1 as pb;
@@ -40,6 +42,10 @@ pub(crate) struct Bidder<'a> {
     pub(crate) closed: HashMap<String, ()>,
     pub(crate) counter: u64,
     pub(crate) server_was_up: bool,
+    /// Whether the event channel is subscribed right now (from the subscription).
+    pub(crate) subscribed: watch::Receiver<bool>,
+    pub(crate) was_subscribed: bool,
+    pub(crate) discovery: Discovery,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -134,6 +140,7 @@ impl Bidder<'_> {
         if self.resync_if_due().await == Flow::Stop {
             return Ok(Flow::Stop);
         }
+        self.discover_if_due().await;
         let args = self.args;
         let Some(t) = self.tracked.as_mut() else {
             return Ok(Flow::Continue);
@@ -168,17 +175,22 @@ impl Bidder<'_> {
             return Ok(Flow::Continue);
         }
         t.next_bid_at = now + jitter(args.bid_interval, 0.2);
-        if t.next_min > args.max_bid {
+        let budget = args.budget();
+        if t.next_min > budget {
             t.out_of_budget = true;
             info!(
                 next_min = t.next_min,
-                max_bid = args.max_bid,
-                "the price passed my budget; no more bids"
+                budget, "the price passed my budget; no more bids"
             );
             return Ok(Flow::Continue);
         }
         self.counter += 1;
-        let amount = (t.next_min + fastrand::u64(0..=t.step.saturating_mul(2))).min(args.max_bid);
+        // By proxy, the lowest acceptable amount: the server raises it as needed, up to
+        // the max; otherwise the minimum plus a random step, as the prototype did.
+        let amount = match args.proxy_max {
+            Some(_) => t.next_min,
+            None => (t.next_min + fastrand::u64(0..=t.step.saturating_mul(2))).min(budget),
+        };
         let bid_id = format!(
             "{}-{}-{:06x}",
             self.me,
@@ -192,6 +204,7 @@ impl Bidder<'_> {
             bid_id,
             bidder: self.me.clone(),
             amount,
+            max_amount: args.proxy_max,
             traceparent: crate::runtime::propagation::traceparent(&span),
         };
         info!(parent: &span, auction = %t.id, bid_id = %bid.bid_id, amount, "bidding");
@@ -208,6 +221,34 @@ impl Bidder<'_> {
             span,
         });
         Ok(Flow::Continue)
+    }
+
+    /// Looks for an auction that is already open when none is tracked: at start, after every
+    /// resubscription (events may have been missed meanwhile), and every
+    /// [`DISCOVER_EVERY`](crate::bidder::discovery::DISCOVER_EVERY) while idle.
+    async fn discover_if_due(&mut self) {
+        // Copied out: a watch borrow must not be held across an await.
+        let subscribed = *self.subscribed.borrow();
+        if subscribed && !self.was_subscribed {
+            self.discovery.due = true;
+        }
+        self.was_subscribed = subscribed;
+        if !subscribed || !self.discovery.is_due(self.tracked.is_none()) {
+            return;
+        }
+        self.discovery.ran();
+        match find_open(&mut self.admin, self.only.as_ref(), &self.closed).await {
+            Ok(Some(a)) => {
+                if let Some(t) = adopt_stored(&a, self.args.bid_interval) {
+                    let last = self.last_seq.entry(a.auction_id.clone()).or_insert(0);
+                    *last = (*last).max(a.seq);
+                    info!(auction = %t.id, next_min = t.next_min, "bidding on an auction that was already open");
+                    self.tracked = Some(t);
+                }
+            }
+            Ok(None) => debug!("no open auction yet; waiting for one to open"),
+            Err(status) => debug!(%status, "could not list open auctions; will retry"),
+        }
     }
 
     /// Reads the tracked auction's stored state through the server's gRPC API when events
@@ -251,11 +292,7 @@ impl Bidder<'_> {
         let Some(a) = auction else {
             return Flow::Continue;
         };
-        let ms = |ts: &Option<prost_types::Timestamp>| {
-            ts.as_ref()
-                .map(|t| t.seconds.max(0) as u64 * 1000 + t.nanos.max(0) as u64 / 1_000_000)
-        };
-        t.deadline_ms = ms(&a.deadline).or(t.deadline_ms);
+        t.deadline_ms = timestamp_ms(&a.deadline).or(t.deadline_ms);
         t.step = (a.min_increment.max(1)) as u64;
         let last = self.last_seq.entry(a.auction_id.clone()).or_insert(0);
         *last = (*last).max(a.seq);

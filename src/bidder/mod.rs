@@ -1,6 +1,7 @@
 //! The automatic bidder behind `auction-client`.
 //!
-//! It learns auctions from the event channel, bids every interval (with jitter) the current
+//! It learns auctions from the event channel (and, when it starts or resubscribes after
+//! an auction opened, from the server's `ListAuctions`), bids every interval (with jitter) the current
 //! minimum plus a random step, up to its budget, and never outbids itself. Each bid has a
 //! fresh `bid_id`; a bid with no outcome after `retry_after` is published again with the
 //! same `bid_id` (the server answers duplicates with their first outcome) until it gets one
@@ -9,7 +10,8 @@
 //! - [`args`]: the configuration.
 //! - [`summary`]: what a bidder did, returned when it stops.
 //! - `bidding`: the bidder's reactions to events and ticks; `tracking`: what it knows of
-//!   its auction and its bid in flight.
+//!   its auction and its bid in flight; `discovery`: finding an auction already open (a
+//!   late start, a resubscription) through the server's admin API.
 //!
 //! Uses [`crate::control`] (its own health, the server's), [`crate::link`] and
 //! [`crate::wire`].
@@ -33,11 +35,13 @@ use crate::wire::Event;
 
 pub mod args;
 mod bidding;
+mod discovery;
 pub mod summary;
 mod tracking;
 
 pub use args::BidderArgs;
 use bidding::{Bidder, Flow};
+use discovery::Discovery;
 pub use summary::Summary;
 
 /// Runs the bidder until its auction closes (or, with `keep_going`, until `shutdown`).
@@ -90,6 +94,9 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         closed: HashMap::new(),
         counter: 0,
         server_was_up: false,
+        subscribed: sub.watch_live(),
+        was_subscribed: false,
+        discovery: Discovery::default(),
         metrics,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -104,6 +111,8 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
                 None => Flow::Stop,
                 Some(msg) => match Event::from_json(&msg.payload) {
                     Ok(event) => bidder.on_event(&event),
+                    // The prototype's dialect, published beside v1 under SEED_DIALECT.
+                    Err(_) if crate::wire::dialect::is_dialect(&msg.payload) => Flow::Continue,
                     Err(e) => {
                         warn!(error = %e, "ignoring an undecodable event");
                         Flow::Continue

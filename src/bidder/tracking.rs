@@ -9,6 +9,7 @@ use tracing::{debug, info, info_span};
 
 use crate::bidder::summary::Summary;
 use crate::keyspace::AuctionId;
+use crate::proto::v1 as pb;
 use crate::runtime::backoff::Backoff;
 use crate::runtime::metrics::Metrics;
 use crate::wire::{Bid, Event, RejectReason};
@@ -46,8 +47,6 @@ pub(crate) fn adopt(
     if only.is_some_and(|o| *o != id) || closed.contains_key(id.as_str()) {
         return None;
     }
-    let first_bid_at =
-        Instant::now() + Duration::from_millis(fastrand::u64(0..=interval.as_millis() as u64 / 2));
     let (next_min, step, deadline_ms) = match event {
         Event::AuctionOpened {
             starting_price,
@@ -68,12 +67,42 @@ pub(crate) fn adopt(
         high_bidder: None,
         deadline_ms,
         pending: None,
-        next_bid_at: first_bid_at,
+        next_bid_at: first_bid_at(interval),
         out_of_budget: false,
         // Adopted from a bid event: we know neither the deadline nor the increment yet.
         resync_due: deadline_ms.is_none(),
         last_resync: None,
     })
+}
+
+/// Starts tracking an open auction read from the server's stored state (a late start, a
+/// resubscription): everything is known, price, increment, deadline and leader.
+pub(crate) fn adopt_stored(a: &pb::Auction, interval: Duration) -> Option<Tracked> {
+    let id = AuctionId::parse(&a.auction_id).ok()?;
+    Some(Tracked {
+        id,
+        next_min: u64::try_from(a.next_min).ok()?.max(1),
+        step: u64::try_from(a.min_increment).unwrap_or(1).max(1),
+        high_bidder: a.high_bid.as_ref().map(|h| h.bidder.clone()),
+        deadline_ms: timestamp_ms(&a.deadline),
+        pending: None,
+        next_bid_at: first_bid_at(interval),
+        out_of_budget: false,
+        resync_due: false,
+        last_resync: Some(Instant::now()),
+    })
+}
+
+/// A protobuf timestamp as ms since the epoch.
+pub(crate) fn timestamp_ms(ts: &Option<prost_types::Timestamp>) -> Option<u64> {
+    ts.as_ref()
+        .map(|t| t.seconds.max(0) as u64 * 1000 + t.nanos.max(0) as u64 / 1_000_000)
+}
+
+/// When a newly adopted auction gets its first bid: within half an interval, so bidders
+/// that adopt it together do not all bid at once.
+fn first_bid_at(interval: Duration) -> Instant {
+    Instant::now() + Duration::from_millis(fastrand::u64(0..=interval.as_millis() as u64 / 2))
 }
 
 /// Updates the tracked auction from one of its events.
@@ -95,11 +124,18 @@ pub(crate) fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary, met
             bid_id,
             bidder,
             next_min,
+            deadline_ms,
             ..
         } => {
             if *next_min >= t.next_min {
                 t.next_min = *next_min;
                 t.high_bidder = Some(bidder.clone());
+            }
+            // Soft close moved the deadline: expect the close later.
+            if let Some(d) = deadline_ms
+                && t.deadline_ms.is_none_or(|old| *d > old)
+            {
+                t.deadline_ms = Some(*d);
             }
             (bid_id, "accepted")
         }

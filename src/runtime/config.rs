@@ -54,12 +54,20 @@ impl std::str::FromStr for HostPort {
 
 /// Parses a human duration (`30s`, `500ms`, `2m`) that must be positive.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))?;
+    let d = parse_duration_or_off(s)?;
     if d.is_zero() {
         return Err(format!("{s:?} must be greater than zero"));
     }
     Ok(d)
+}
+
+/// Parses a human duration where zero (`0`, `0s`) means "off".
+pub fn parse_duration_or_off(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))
 }
 
 /// Parses a channel name: 1-128 printable ASCII characters without spaces.

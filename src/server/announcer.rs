@@ -67,6 +67,16 @@ pub struct Announcement {
     pub done: Option<oneshot::Sender<Result<(), NotAnnounced>>>,
 }
 
+/// Where events go: the event channel and, with `SEED_DIALECT`, also each event's
+/// counterpart in the prototype's dialect, right after it on the same channel.
+#[derive(Clone, Debug)]
+pub struct EventChannel {
+    /// The channel (`EVENT_CHANNEL`).
+    pub name: String,
+    /// Whether dialect events go out too.
+    pub seed_dialect: bool,
+}
+
 /// Handle to the announcer task; clone freely.
 #[derive(Clone)]
 pub struct Announcer {
@@ -78,7 +88,7 @@ impl Announcer {
     /// every handle is dropped and the queue is empty; the guard aborts it when dropped.
     pub fn start(
         master: Master,
-        channel: String,
+        channel: EventChannel,
         replicas: u32,
         wait_timeout: Duration,
         metrics: Arc<Metrics>,
@@ -143,7 +153,7 @@ fn stopped() -> NotAnnounced {
 
 struct Task {
     master: Master,
-    channel: String,
+    channel: EventChannel,
     replicas: u32,
     wait_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -271,7 +281,7 @@ impl Task {
 /// replicas: for refusals, which store nothing.
 pub async fn publish(
     master: &Master,
-    channel: &str,
+    channel: &EventChannel,
     events: &[Event],
     metrics: &Metrics,
 ) -> Result<(), String> {
@@ -300,15 +310,24 @@ async fn publish_on<'a>(
     master: &Master,
     generation: u64,
     mut conn: redis::aio::MultiplexedConnection,
-    channel: &str,
+    channel: &EventChannel,
     events: impl IntoIterator<Item = &'a Event>,
     metrics: &Metrics,
 ) -> Result<(), redis::RedisError> {
     let mut pipe = redis::pipe();
     let mut n = 0;
     for e in events {
-        pipe.cmd("PUBLISH").arg(channel).arg(e.to_json()).ignore();
+        pipe.cmd("PUBLISH")
+            .arg(&channel.name)
+            .arg(e.to_json())
+            .ignore();
         n += 1;
+        if channel.seed_dialect
+            && let Some(dialect) = crate::wire::dialect::event_json(e)
+        {
+            pipe.cmd("PUBLISH").arg(&channel.name).arg(dialect).ignore();
+            n += 1;
+        }
     }
     if n == 0 {
         return Ok(());

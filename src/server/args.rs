@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::runtime::config::{RedisArgs, parse_channel, parse_duration};
+use crate::keyspace::AuctionId;
+use crate::runtime::config::{RedisArgs, parse_channel, parse_duration, parse_duration_or_off};
 use crate::store::ledger::AuctionSpec;
 
 /// Default auction duration (`AUCTION_DURATION`).
@@ -23,6 +24,17 @@ pub const DEFAULT_STARTING_PRICE: u64 = 100;
 /// Default minimum increment of `--open-on-start` auctions, minor units.
 pub const DEFAULT_MIN_INCREMENT: u64 = 10;
 
+/// What `OpenAuction` gives the fields a request leaves unset (the server's flags).
+#[derive(Clone, Debug)]
+pub struct AuctionDefaults {
+    /// `AUCTION_DURATION`.
+    pub duration: Duration,
+    /// `STARTING_PRICE`, minor units.
+    pub starting_price: u64,
+    /// `MIN_INCREMENT`, minor units.
+    pub min_increment: u64,
+}
+
 /// Server configuration (flags with environment fallbacks).
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServerArgs {
@@ -32,13 +44,27 @@ pub struct ServerArgs {
     /// Open one auction for ITEM at start, as the prototype did.
     #[arg(long, env = "OPEN_ON_START", value_name = "ITEM")]
     pub open_on_start: Option<String>,
+    /// The id of the --open-on-start auction (e.g. the prototype's `produto1`); random when
+    /// unset. If it already exists (a restart), nothing is opened.
+    #[arg(long, env = "OPEN_ON_START_ID", value_name = "ID")]
+    pub open_on_start_id: Option<String>,
+    /// Soft close of the --open-on-start auction: a bid accepted less than this before the
+    /// deadline moves the deadline to its time plus this (0 = off).
+    #[arg(long, env = "SOFT_CLOSE", default_value = "0s", value_parser = parse_duration_or_off)]
+    pub soft_close: Duration,
+    /// Also speak the Node.js prototype's wire dialect (`{"tipo":"lance",...}` bids in,
+    /// `inicio`/`lance`/`fim` events out) beside v1: see README, "Migrating from the prototype".
+    #[arg(long, env = "SEED_DIALECT")]
+    pub seed_dialect: bool,
     /// Duration of auctions opened without an explicit one.
     #[arg(long, env = "AUCTION_DURATION", default_value = DEFAULT_AUCTION_DURATION, value_parser = parse_duration)]
     pub auction_duration: Duration,
-    /// Starting price of --open-on-start auctions, minor units.
+    /// Starting price of --open-on-start auctions and of OpenAuction calls that give none,
+    /// minor units.
     #[arg(long, env = "STARTING_PRICE", default_value_t = DEFAULT_STARTING_PRICE)]
     pub starting_price: u64,
-    /// Minimum increment of --open-on-start auctions, minor units.
+    /// Minimum increment of --open-on-start auctions and of OpenAuction calls that give
+    /// none, minor units.
     #[arg(long, env = "MIN_INCREMENT", default_value_t = DEFAULT_MIN_INCREMENT)]
     pub min_increment: u64,
     /// Reserve price of --open-on-start auctions, minor units (0 = none).
@@ -76,21 +102,42 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:50051";
 pub const DEFAULT_CONTROL_CHANNEL: &str = "auction-control";
 
 impl ServerArgs {
-    /// The spec of the --open-on-start auction.
-    pub fn open_on_start_spec(&self) -> Option<AuctionSpec> {
-        self.open_on_start.as_ref().map(|item| AuctionSpec {
+    /// What `OpenAuction` gives the fields a request leaves unset.
+    pub fn auction_defaults(&self) -> AuctionDefaults {
+        AuctionDefaults {
+            duration: self.auction_duration,
+            starting_price: self.starting_price,
+            min_increment: self.min_increment,
+        }
+    }
+
+    /// The id and spec of the --open-on-start auction.
+    pub fn open_on_start_spec(&self) -> anyhow::Result<Option<(AuctionId, AuctionSpec)>> {
+        let Some(item) = &self.open_on_start else {
+            if self.open_on_start_id.is_some() {
+                anyhow::bail!("OPEN_ON_START_ID is set but OPEN_ON_START (the item) is not");
+            }
+            return Ok(None);
+        };
+        let id = match &self.open_on_start_id {
+            Some(id) => AuctionId::parse(id).context("invalid OPEN_ON_START_ID")?,
+            None => AuctionId::random(),
+        };
+        let spec = AuctionSpec {
             item: item.clone(),
             duration: self.auction_duration,
             starting_price: self.starting_price,
             min_increment: self.min_increment,
             reserve_price: self.reserve_price,
-        })
+            soft_close: self.soft_close,
+        };
+        Ok(Some((id, spec)))
     }
 
     /// Validates everything clap cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.redis.validate().map_err(anyhow::Error::msg)?;
-        if let Some(spec) = self.open_on_start_spec() {
+        if let Some((_, spec)) = self.open_on_start_spec()? {
             spec.validate().context("invalid --open-on-start auction")?;
         }
         if self.lock_lease < Duration::from_millis(300) {

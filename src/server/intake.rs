@@ -17,6 +17,7 @@ use crate::keyspace::truncate;
 use crate::link::sentinel::Master;
 use crate::link::subscription::Message;
 use crate::runtime::metrics::{Metrics, inc};
+use crate::server::announcer::EventChannel;
 use crate::server::router::Router;
 use crate::wire::{self, CloseRequest, Event};
 
@@ -25,6 +26,7 @@ use crate::wire::{self, CloseRequest, Event};
 pub async fn run(
     messages: &mut mpsc::Receiver<Message>,
     control_channel: &str,
+    seed_dialect: bool,
     router: &Router,
     metrics: &Metrics,
     refusals: &mpsc::Sender<Event>,
@@ -39,7 +41,7 @@ pub async fn run(
                 if msg.channel == control_channel {
                     forwarded_close(&msg.payload, router).await;
                 } else {
-                    command(&msg.payload, router, metrics, refusals).await;
+                    command(&msg.payload, seed_dialect, router, metrics, refusals).await;
                 }
             }
         }
@@ -58,12 +60,13 @@ async fn forwarded_close(payload: &[u8], router: &Router) {
 
 async fn command(
     payload: &[u8],
+    seed_dialect: bool,
     router: &Router,
     metrics: &Metrics,
     reject_tx: &mpsc::Sender<Event>,
 ) {
     inc(&metrics.messages_received);
-    match wire::decode_command(payload) {
+    match wire::decode_any(payload, seed_dialect) {
         Ok(bid) => router.bid(bid).await,
         Err(bad) => {
             metrics.malformed(bad.error.reason());
@@ -86,7 +89,7 @@ async fn command(
 /// Publishes refusals in batches as they come, until every sender is gone.
 pub async fn answer_refusals(
     master: Master,
-    channel: String,
+    channel: EventChannel,
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Event>,
 ) {

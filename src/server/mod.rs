@@ -41,6 +41,7 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     intake::run(
         &mut server.messages,
         &args.control_channel,
+        args.seed_dialect,
         &server.router,
         &server.metrics,
         &server.refusals,

@@ -17,13 +17,14 @@ use crate::runtime::backoff::Backoff;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::task::TaskGuard;
 use crate::server::admin::AdminService;
-use crate::server::announcer::Announcer;
+use crate::server::announcer::{Announcer, EventChannel};
 use crate::server::args::ServerArgs;
 use crate::server::close_batch::CloseBatcher;
 use crate::server::context::{Context, WorkerSettings};
 use crate::server::intake;
 use crate::server::lease_keeper::LeaseKeeper;
 use crate::server::router::Router;
+use crate::server::work::OpError;
 use crate::store::ledger::AuctionSpec;
 use crate::store::lock;
 use crate::wire::Event;
@@ -67,9 +68,13 @@ impl Server {
         rest.extend(crate::runtime::metrics::serve(args.metrics_addr, metrics.clone()).await?);
         let master = Master::start(Settings::from_args(&args.redis));
         let channel = args.redis.event_channel.clone();
+        let events = EventChannel {
+            name: channel.clone(),
+            seed_dialect: args.seed_dialect,
+        };
         let (announcer, announcer_task) = Announcer::start(
             master.clone(),
-            channel.clone(),
+            events.clone(),
             args.wait_replicas,
             args.wait_timeout,
             metrics.clone(),
@@ -78,7 +83,7 @@ impl Server {
         let (keeper, lease_keeper) = LeaseKeeper::start(master.clone(), args.lock_lease / 3);
         let (refusals, refusal_rx) = mpsc::channel(QUEUE);
         let answering =
-            intake::answer_refusals(master.clone(), channel.clone(), metrics.clone(), refusal_rx);
+            intake::answer_refusals(master.clone(), events, metrics.clone(), refusal_rx);
         rest.extend([
             close_batcher,
             lease_keeper,
@@ -120,7 +125,7 @@ impl Server {
             hub: Hub::new(master.clone(), channel),
             control_channel: args.control_channel.clone(),
             admin_token: args.admin_token.clone(),
-            default_duration: args.auction_duration,
+            defaults: args.auction_defaults(),
         };
         let (stop_grpc, grpc) = serve_grpc(listener, health_service, admin);
         info!(%grpc_addr, "gRPC listening (admin API, grpc.health.v1, reflection)");
@@ -130,8 +135,8 @@ impl Server {
             let _ = stop_closer_rx.await;
         });
         let closer = TaskGuard::new("closer", tokio::spawn(closer));
-        if let Some(spec) = args.open_on_start_spec() {
-            let opening = open_on_start(router.clone(), spec);
+        if let Some((id, spec)) = args.open_on_start_spec()? {
+            let opening = open_on_start(router.clone(), id, spec);
             rest.push(TaskGuard::new("open on start", tokio::spawn(opening)));
         }
         Ok(Server {
@@ -208,14 +213,17 @@ fn serve_grpc(
     )
 }
 
-async fn open_on_start(router: Router, spec: AuctionSpec) {
-    let id = AuctionId::random();
+async fn open_on_start(router: Router, id: AuctionId, spec: AuctionSpec) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     // Bounded: about a minute of retries covers a topology that is still starting.
     for _ in 0..40 {
         match router.open(id.clone(), spec.clone()).await {
             Ok(event) => {
                 info!(auction = %id, item = %spec.item, event = %event.to_json(), "opened the --open-on-start auction");
+                return;
+            }
+            Err(OpError::AlreadyExists) => {
+                info!(auction = %id, "the --open-on-start auction already exists (a restart?); not opening it again");
                 return;
             }
             Err(e) => {

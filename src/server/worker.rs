@@ -310,6 +310,8 @@ impl Worker<'_> {
                 }
                 _ => "other",
             };
+            // A leader's proxy raise goes out just before the bid that provoked it.
+            events.extend(j.raised);
             let mut event = j.event;
             if let Some(span) = span {
                 span.record("outcome", outcome);

@@ -92,7 +92,27 @@ pub fn to_proto(r: &AuctionRecord) -> pb::Auction {
         winner: r.winner.as_ref().map(high_bid),
         seq: r.seq,
         next_min: if r.open { next_min as i64 } else { 0 },
+        soft_close: (r.soft_close_ms > 0).then(|| duration(r.soft_close_ms)),
     }
+}
+
+/// Milliseconds as a protobuf duration.
+fn duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// A protobuf duration as a `Duration`, `field` naming it in the error.
+pub(super) fn from_duration(
+    field: &str,
+    d: &prost_types::Duration,
+) -> Result<std::time::Duration, Status> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(invalid(field, "must not be negative"));
+    }
+    Ok(std::time::Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
 pub(super) fn bid_to_proto(h: &HistoryEntry) -> pb::Bid {
@@ -103,6 +123,7 @@ pub(super) fn bid_to_proto(h: &HistoryEntry) -> pb::Bid {
         seq: h.seq,
         accepted_at: Some(timestamp(h.at_ms)),
         fencing_token: h.fence,
+        proxy: h.bid_id.ends_with("+proxy"),
     }
 }
 
@@ -118,6 +139,8 @@ pub fn event_to_proto(e: &Event) -> Option<pb::AuctionEvent> {
             bidder,
             amount,
             next_min,
+            proxy,
+            deadline_ms,
             ..
         } => (
             *seq,
@@ -126,6 +149,8 @@ pub fn event_to_proto(e: &Event) -> Option<pb::AuctionEvent> {
                 bidder: bidder.clone(),
                 amount: *amount as i64,
                 next_min: *next_min as i64,
+                proxy: *proxy,
+                deadline: deadline_ms.map(timestamp),
             }),
         ),
         Event::BidRejected {

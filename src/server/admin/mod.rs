@@ -26,8 +26,10 @@ mod messages;
 mod stored;
 mod watch;
 
+use crate::server::args::AuctionDefaults;
 use messages::{
-    amount, bid_to_proto, constant_time_eq, invalid, page_size, parse_id, to_proto, unavailable,
+    amount, bid_to_proto, constant_time_eq, from_duration, invalid, page_size, parse_id, to_proto,
+    unavailable,
 };
 use watch::WatchStream;
 
@@ -50,8 +52,8 @@ pub struct AdminService {
     pub control_channel: String,
     /// When set, mutating calls require `authorization: Bearer <token>`.
     pub admin_token: Option<String>,
-    /// Duration of auctions opened without one.
-    pub default_duration: Duration,
+    /// What a request's unset fields take.
+    pub defaults: AuctionDefaults,
 }
 
 impl From<OpError> for Status {
@@ -95,20 +97,34 @@ impl AdminService {
         stored::read(&self.master, id).await
     }
 
+    /// The auction a request asks for; fields it leaves unset take the server's defaults
+    /// (`AUCTION_DURATION`, `STARTING_PRICE`, `MIN_INCREMENT`; no reserve, no soft close).
     fn spec(&self, r: &pb::OpenAuctionRequest) -> Result<AuctionSpec, Status> {
-        let duration = match &r.duration {
-            None => self.default_duration,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(invalid("duration", "must be positive"));
-            }
-            Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
+        let or_default = |field, v: i64, default: u64| match v {
+            0 => Ok(default),
+            v => amount(field, v, 1),
         };
         let spec = AuctionSpec {
             item: r.item.clone(),
-            duration,
-            starting_price: amount("starting_price", r.starting_price, 1)?,
-            min_increment: amount("min_increment", r.min_increment, 1)?,
+            duration: match &r.duration {
+                None => self.defaults.duration,
+                Some(d) => from_duration("duration", d)?,
+            },
+            starting_price: or_default(
+                "starting_price",
+                r.starting_price,
+                self.defaults.starting_price,
+            )?,
+            min_increment: or_default(
+                "min_increment",
+                r.min_increment,
+                self.defaults.min_increment,
+            )?,
             reserve_price: amount("reserve_price", r.reserve_price, 0)?,
+            soft_close: match &r.soft_close {
+                None => Duration::ZERO,
+                Some(d) => from_duration("soft_close", d)?,
+            },
         };
         spec.validate().map_err(|e| invalid(e.field, e.problem))?;
         Ok(spec)

@@ -26,11 +26,14 @@ const SUBSCRIBE_LIMIT: Duration = Duration::from_secs(20);
 const BACKLOG: usize = 65_536;
 
 type Seen = Arc<Mutex<Vec<(Instant, Event)>>>;
+/// Messages that are not v1 events (the prototype's dialect), as text.
+type Other = Arc<Mutex<Vec<String>>>;
 
 /// Records every event on the event channel. Cloning shares the record.
 #[derive(Clone)]
 pub struct Recorder {
     events: Seen,
+    others: Other,
     notify: Arc<Notify>,
     _listening: Arc<(Subscription, TaskGuard)>,
 }
@@ -48,13 +51,17 @@ impl Recorder {
         let (tx, mut rx) = mpsc::channel(BACKLOG);
         let subscription = Subscription::start(master, vec![DEFAULT_EVENT_CHANNEL.into()], tx);
         let events: Seen = Arc::default();
+        let others: Other = Arc::default();
         let notify = Arc::new(Notify::new());
-        let (seen, wake) = (events.clone(), notify.clone());
+        let (seen, other, wake) = (events.clone(), others.clone(), notify.clone());
         let task = tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 match Event::from_json(&msg.payload) {
                     Ok(e) => lock(&seen).push((Instant::now(), e)),
-                    Err(err) => eprintln!("recorder: undecodable event: {err}"),
+                    Err(_) => other
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(String::from_utf8_lossy(&msg.payload).into_owned()),
                 }
                 wake.notify_waiters();
             }
@@ -70,6 +77,7 @@ impl Recorder {
             .map_err(|_| anyhow::anyhow!("the event recorder's subscription task ended"))?;
         Ok(Recorder {
             events,
+            others,
             notify,
             _listening: Arc::new((subscription, TaskGuard::new("event recorder", task))),
         })
@@ -85,6 +93,14 @@ impl Recorder {
         lock(&self.events).clone()
     }
 
+    /// Every message that was not a v1 event (e.g. the prototype dialect's), in order.
+    pub fn others(&self) -> Vec<String> {
+        self.others
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Waits until `pred` holds over the events seen so far; panics after `limit` with
     /// `what` and the last events seen.
     pub async fn wait_until<T>(
@@ -93,12 +109,22 @@ impl Recorder {
         limit: Duration,
         mut pred: impl FnMut(&[Event]) -> Option<T>,
     ) -> T {
+        self.wait_for(what, limit, |events, _| pred(events)).await
+    }
+
+    /// [`Recorder::wait_until`] over the v1 events and the other messages (as text).
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut pred: impl FnMut(&[Event], &[String]) -> Option<T>,
+    ) -> T {
         let until = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(v) = pred(&self.events()) {
+            if let Some(v) = pred(&self.events(), &self.others()) {
                 return v;
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
