@@ -2,8 +2,12 @@
 //! one `auction-server`, five `auction-client` bidders. Opens the auction through the gRPC
 //! admin API, prints every event live and the winner, then stops everything. Run it with `bash scripts/demo.sh`.
 //!
+//! The last bidder bids by proxy (`PROXY_MAX`), and the auction has a soft close, so the
+//! run shows proxy raises and, when bids come late, the deadline moving.
+//!
 //! Environment: `DEMO_CLIENTS` (default 5), `AUCTION_DURATION` (default 30s),
-//! `BID_INTERVAL` (default 3s), `DEMO_KEEP_LOGS=1` to keep the logs directory.
+//! `SOFT_CLOSE` (default 10s, 0 = off), `BID_INTERVAL` (default 3s), `DEMO_KEEP_LOGS=1` to
+//! keep the logs directory.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,7 +16,7 @@ use anyhow::Context;
 use auction::bidder::args::DEFAULT_BID_INTERVAL;
 use auction::proto::v1 as pb;
 use auction::proto::v1::auction_admin_client::AuctionAdminClient;
-use auction::runtime::config::{DEFAULT_EVENT_CHANNEL, parse_duration};
+use auction::runtime::config::{DEFAULT_EVENT_CHANNEL, parse_duration, parse_duration_or_off};
 use auction::server::args::DEFAULT_AUCTION_DURATION;
 use auction::wire::Event;
 use auction_testkit::{DevStack, DevStackConfig, Process, Recorder, free_port};
@@ -61,10 +65,20 @@ fn describe(e: &Event) -> String {
             bidder,
             amount,
             next_min,
+            proxy,
+            deadline_ms,
             ..
         } => {
+            let by = if *proxy { "  by proxy" } else { "" };
+            let moved = deadline_ms.map_or(String::new(), |d| {
+                let left = d.saturating_sub(auction::runtime::process::unix_ms());
+                format!(
+                    "; SOFT CLOSE: deadline moved, closes in {:.1}s",
+                    left as f64 / 1000.0
+                )
+            });
             format!(
-                "ACCEPTED {bidder:<10} {:>9}   (next bid at least {})",
+                "ACCEPTED {bidder:<10} {:>9}   (next bid at least {}{by}{moved})",
                 money(*amount),
                 money(*next_min)
             )
@@ -99,6 +113,7 @@ fn describe(e: &Event) -> String {
 struct Settings {
     clients: usize,
     duration: String,
+    soft_close: Duration,
     interval: String,
     bins: PathBuf,
     started: Instant,
@@ -113,6 +128,8 @@ impl Settings {
                 .parse()
                 .context("DEMO_CLIENTS must be a whole number")?,
             duration: var("AUCTION_DURATION", DEFAULT_AUCTION_DURATION),
+            soft_close: parse_duration_or_off(&var("SOFT_CLOSE", "10s"))
+                .map_err(|e| anyhow::anyhow!("SOFT_CLOSE: {e}"))?,
             interval: var("BID_INTERVAL", DEFAULT_BID_INTERVAL),
             bins: bin_dir()?,
             started: Instant::now(),
@@ -162,8 +179,9 @@ async fn main() -> anyhow::Result<()> {
         })?;
     let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
     let id = open(&demo, &mut admin).await?;
+    // Late bids may move the deadline (soft close) until the budgets run out.
     let limit =
-        parse_duration(&demo.duration).map_err(anyhow::Error::msg)? + Duration::from_secs(60);
+        parse_duration(&demo.duration).map_err(anyhow::Error::msg)? + Duration::from_secs(120);
     let winner = follow(&demo, &recorder, limit).await.with_context(|| {
         format!(
             "the auction did not close in time; logs in {}",
@@ -219,17 +237,23 @@ fn start_server(demo: &Settings, stack: &DevStack) -> anyhow::Result<(Process, u
     Ok((server, grpc_port))
 }
 
-/// Starts the bidders, each with a budget of its own.
+/// Starts the bidders, each with a budget of its own; the last one bids by proxy (one bid
+/// with its budget as a secret `max_amount`; the server raises its price as others bid).
 fn start_bidders(demo: &Settings, stack: &DevStack, grpc_port: u16) -> Vec<Process> {
-    let budget = |i: usize| 2000 + 300 * i as u64;
+    let budget = |i: usize| 1000 + 250 * i as u64;
     let bidders = (1..=demo.clients)
         .map(|i| {
             let name = format!("bidder-{i}");
+            let limit = if i == demo.clients {
+                "PROXY_MAX"
+            } else {
+                "MAX_BID"
+            };
             let env = [
                 ("REDIS_SENTINELS", stack.sentinels_csv()),
                 ("BIDDER_NAME", name.clone()),
                 ("BID_INTERVAL", demo.interval.clone()),
-                ("MAX_BID", budget(i).to_string()),
+                (limit, budget(i).to_string()),
                 ("SERVER_ADDR", format!("127.0.0.1:{grpc_port}")),
                 ("HEALTH_ADDR", "127.0.0.1:0".into()),
             ];
@@ -237,10 +261,12 @@ fn start_bidders(demo: &Settings, stack: &DevStack, grpc_port: u16) -> Vec<Proce
         })
         .collect();
     println!(
-        "{} started {} bidders (budgets {} … {})",
+        "{} started {} bidders (budgets {} … {}); bidder-{} bids by proxy, up to {}",
         demo.stamp(),
         demo.clients,
         money(budget(1)),
+        money(budget(demo.clients)),
+        demo.clients,
         money(budget(demo.clients))
     );
     bidders
@@ -251,7 +277,11 @@ async fn open(demo: &Settings, admin: &mut Admin) -> anyhow::Result<String> {
     let request = pb::OpenAuctionRequest {
         item: "Vintage guitar".into(),
         starting_price: 100,
-        min_increment: 10,
+        min_increment: 25,
+        soft_close: Some(prost_types::Duration {
+            seconds: demo.soft_close.as_secs() as i64,
+            nanos: demo.soft_close.subsec_nanos() as i32,
+        }),
         ..Default::default()
     };
     let opened = admin
@@ -261,9 +291,11 @@ async fn open(demo: &Settings, admin: &mut Admin) -> anyhow::Result<String> {
         .auction
         .context("OpenAuction returned no auction")?;
     println!(
-        "{} opened auction {} through gRPC AuctionAdmin/OpenAuction\n",
+        "{} opened auction {} through gRPC AuctionAdmin/OpenAuction (soft close {:?}: a bid in its last {:?} moves the deadline)\n",
         demo.stamp(),
-        opened.auction_id
+        opened.auction_id,
+        demo.soft_close,
+        demo.soft_close
     );
     Ok(opened.auction_id)
 }
@@ -308,15 +340,16 @@ async fn report(demo: &Settings, admin: &mut Admin, id: &str) -> anyhow::Result<
         .await?
         .into_inner()
         .bids;
+    let winner = fin.winner.as_ref().map_or("none".to_owned(), |w| {
+        format!("{} with {}", w.bidder, money(w.amount as u64))
+    });
+    let proxied = bids.iter().filter(|b| b.proxy).count();
     println!(
-        "\n{} GetAuction: state {:?}, {} accepted bids (ListBids returned {}), winner {:?}",
+        "\n{} GetAuction: state {:?}, {} accepted bids (ListBids returned {}, {proxied} of them proxy raises), winner {winner}",
         demo.stamp(),
         pb::AuctionState::try_from(fin.state).unwrap_or(pb::AuctionState::Unspecified),
         fin.bid_count,
         bids.len(),
-        fin.winner
-            .as_ref()
-            .map(|w| (&w.bidder, money(w.amount as u64)))
     );
     Ok(())
 }
