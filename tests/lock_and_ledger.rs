@@ -277,7 +277,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
         judged[1].event,
         Event::BidAccepted {
             amount: 100,
-            seq: 3,
+            seq: 2,
             next_min: 110,
             ..
         }
@@ -292,7 +292,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
         judged[5].event,
         Event::BidAccepted {
             amount: 110,
-            seq: 7,
+            seq: 3,
             ..
         }
     ));
@@ -304,8 +304,30 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
     let seqs: Vec<u64> = judged[..6].iter().filter_map(|j| j.event.seq()).collect();
     assert_eq!(
         seqs,
-        vec![2, 3, 4, 5, 6, 7],
-        "every judged bid takes the next seq"
+        vec![2, 3],
+        "accepted bids take the next seq; price refusals store nothing and take none"
+    );
+    let next_mins: Vec<Option<u64>> = [0, 2, 3, 4]
+        .iter()
+        .map(|&i| match &judged[i].event {
+            Event::BidRejected { next_min, .. } => *next_min,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        next_mins,
+        [Some(100), Some(110), Some(110), Some(110)],
+        "a price refusal says what the next bid must reach"
+    );
+    let stored: Vec<String> = redis::cmd("HKEYS")
+        .arg(id.outcomes_key())
+        .query_async(&mut conn)
+        .await
+        .expect("HKEYS");
+    assert_eq!(
+        stored.len(),
+        2,
+        "only the accepted bids' outcomes are stored: {stored:?}"
     );
 
     let rec = ledger::get(&mut conn, &id)
@@ -313,7 +335,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
         .expect("get")
         .expect("exists");
     assert_eq!(rec.high, Some((110, "bob".into(), "b6".into())));
-    assert_eq!((rec.bid_count, rec.seq), (2, 7));
+    assert_eq!((rec.bid_count, rec.seq), (2, 3));
     let history = ledger::history(&mut conn, &id, "-", 100)
         .await
         .expect("history");
@@ -339,7 +361,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
         panic!("first close closes");
     };
     assert!(
-        matches!(&closed, Event::AuctionClosed { winner: Some(w), amount: Some(110), seq: 8, bid_count: 2, .. } if w == "bob")
+        matches!(&closed, Event::AuctionClosed { winner: Some(w), amount: Some(110), seq: 4, bid_count: 2, .. } if w == "bob")
     );
     let Closed::Already(again) = ledger::close(&mut conn, &lease, CloseMode::Forced)
         .await
@@ -365,7 +387,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
         "refusals after close are not part of history"
     );
     assert!(
-        matches!(late[1].event, Event::BidAccepted { seq: 7, .. }),
+        matches!(late[1].event, Event::BidAccepted { seq: 3, .. }),
         "a retry after close still gets its first outcome"
     );
     let open: Vec<String> = redis::cmd("ZRANGE")

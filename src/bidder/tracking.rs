@@ -111,7 +111,7 @@ pub(crate) fn observe(t: &mut Tracked, event: &Event, summary: &mut Summary, met
         // Not judged: the server shed it under overload. It stays pending and is published
         // again (same bid_id) when its retry timer fires.
         Event::BidRejected {
-            reason: RejectReason::Overloaded,
+            reason: RejectReason::Overloaded | RejectReason::TooManyPending,
             bid_id,
             ..
         } => {

@@ -29,6 +29,8 @@ pub struct WorkerSettings {
     pub max_batch: usize,
     /// Per-auction queue capacity.
     pub queue: usize,
+    /// Bids one bidder may have waiting in one auction's queue (its fair share).
+    pub share: u32,
 }
 
 impl WorkerSettings {
@@ -40,6 +42,7 @@ impl WorkerSettings {
             idle_release: lease * 2,
             max_batch: 256,
             queue: 4096,
+            share: 32,
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! 1. [`intake`] reads the command channel, validates each message at the boundary and
 //!    hands bids to the [`router`]; the gRPC [`admin`] API hands it opens and closes.
-//! 2. The [`router`] keeps one queue per auction and starts a [`worker`] for it, which
+//! 2. The [`router`] keeps one [`queue`] per auction (fair between bidders) and starts a
+//!    [`worker`] for it, which
 //!    takes the auction's lease and judges its queued bids in batches (one fenced script
 //!    call each, [`crate::store`]), speaking the vocabulary of [`work`].
 //! 3. The [`announcer`] makes each batch durable with one `WAIT` (group commit) and then
@@ -25,6 +26,7 @@ pub mod closer;
 pub mod context;
 pub mod intake;
 pub mod lease_keeper;
+pub mod queue;
 pub mod router;
 mod wiring;
 pub mod work;

@@ -22,6 +22,7 @@ use crate::keyspace::AuctionId;
 use crate::runtime::metrics::{add, inc};
 use crate::runtime::task::TaskGuard;
 use crate::server::context::Context;
+use crate::server::queue::{QueueTx, Refused, queue};
 use crate::server::work::{Exit, OpError, Work};
 use crate::server::worker;
 use crate::store::ledger::{AuctionSpec, CloseMode, Closed};
@@ -29,6 +30,11 @@ use crate::wire::{Bid, Event, RejectReason};
 
 /// Longest a note "another server owns this auction" is trusted before asking Redis again.
 const MAX_HOLD_OFF: Duration = Duration::from_secs(2);
+
+/// What a bidder is told when its bid is shed or refused at the queue.
+const OVERLOADED: &str = "the server is saturated; retry this bid later";
+const TOO_MANY_PENDING: &str =
+    "this bidder already has its share of bids waiting on this auction; wait for their outcomes";
 
 /// How often notes about other servers' auctions are swept out of the slot map.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -43,7 +49,7 @@ const SHADOW_AGE: Duration = Duration::from_secs(30);
 enum Slot {
     Worker {
         generation: u64,
-        tx: mpsc::Sender<Work>,
+        tx: QueueTx,
     },
     /// Another server holds the lease until about `until`; its bids are kept in
     /// `shadow` for whoever holds it next.
@@ -53,7 +59,9 @@ enum Slot {
     },
     /// A deadline close of an auction nobody here held is in flight (see [`close_free`]);
     /// work arriving meanwhile waits here, in order, for whoever takes the lease next.
-    Closing { queued: Vec<Work> },
+    Closing {
+        queued: Vec<Work>,
+    },
 }
 
 /// Appends `bid` to a shadow, dropping (and counting) what is too old or too many.
@@ -270,19 +278,24 @@ impl State {
                 let tx = tx.clone();
                 // A full queue means this auction's worker is saturated: a bid is shed at
                 // once (answered `overloaded`, the bidder retries it later) so that latency
-                // and memory stay bounded; admin work waits for room.
+                // and memory stay bounded; admin work waits for room. A bidder past its
+                // share of the queue is refused without taking anyone else's place.
                 match tx.try_send(work) {
                     Ok(()) => return,
-                    Err(mpsc::error::TrySendError::Full(Work::Bid(bid))) => {
-                        self.shed(bid);
+                    Err(Refused::Full(Work::Bid(bid))) => {
+                        self.refuse(bid, RejectReason::Overloaded, OVERLOADED);
                         return;
                     }
-                    Err(mpsc::error::TrySendError::Full(admin)) => match tx.send(admin).await {
+                    Err(Refused::TooManyPending(bid)) => {
+                        self.refuse(bid, RejectReason::TooManyPending, TOO_MANY_PENDING);
+                        return;
+                    }
+                    Err(Refused::Full(admin)) => match tx.send(admin).await {
                         Ok(()) => return,
-                        Err(mpsc::error::SendError(back)) => back,
+                        Err(back) => back,
                     },
                     // The worker just exited (its queue closed): start anew below.
-                    Err(mpsc::error::TrySendError::Closed(back)) => back,
+                    Err(Refused::Closed(back)) => back,
                 }
             }
             Some(Slot::Closing { queued }) => {
@@ -304,21 +317,21 @@ impl State {
         let _ = tx.send(work).await;
     }
 
-    /// Answers `bid` with `overloaded` instead of queueing it (best effort: if even the
-    /// answers back up, the bidder's retry timer covers it).
-    fn shed(&self, bid: Bid) {
-        self.ctx.metrics.rejected(RejectReason::Overloaded.as_str());
-        let detail = "the server is saturated; retry this bid later";
-        let event = Event::refusal(bid, RejectReason::Overloaded, Some(detail.into()));
+    /// Answers `bid` with `reason` instead of queueing it; nothing is stored (best effort:
+    /// if even the answers back up, the bidder's retry timer covers it).
+    fn refuse(&self, bid: Bid, reason: RejectReason, detail: &str) {
+        self.ctx.metrics.rejected(reason.as_str());
+        let event = Event::refusal(bid, reason, Some(detail.into()));
         let _ = self.ctx.refusals.try_send(event);
     }
 
     /// Starts a worker for `auction`; bids kept while someone else held the lease go to it
     /// first, in order.
-    async fn start_worker(&mut self, auction: &AuctionId, must_exist: bool) -> mpsc::Sender<Work> {
+    async fn start_worker(&mut self, auction: &AuctionId, must_exist: bool) -> QueueTx {
         self.next_generation += 1;
         let generation = self.next_generation;
-        let (tx, wrx) = mpsc::channel(self.ctx.settings.queue);
+        let settings = &self.ctx.settings;
+        let (tx, wrx) = queue(settings.queue, settings.share);
         debug!(%auction, generation, "starting worker");
         self.workers.spawn(worker::run(
             self.ctx.clone(),

@@ -23,6 +23,7 @@ use crate::runtime::backoff::Backoff;
 use crate::runtime::metrics::inc;
 use crate::server::announcer::Announcement;
 use crate::server::context::Context;
+use crate::server::queue::QueueRx;
 use crate::server::work::{Exit, Failure, OpError, Work};
 use crate::store::ledger::{self, LedgerError};
 use crate::store::lock::{self, Acquire, Lease};
@@ -42,7 +43,7 @@ pub async fn run(
     ctx: Arc<Context>,
     auction: AuctionId,
     generation: u64,
-    mut rx: mpsc::Receiver<Work>,
+    mut rx: QueueRx,
     must_exist: bool,
     exits: mpsc::UnboundedSender<Exit>,
 ) {
@@ -57,7 +58,7 @@ pub async fn run(
     // Whatever is still queued cannot be done by us: bids go back to the router for the
     // next lease holder (and bidders retry anyway, with the same bid_id, so nothing is
     // judged twice); admin callers get an error.
-    while let Ok(work) = rx.try_recv() {
+    while let Some(work) = rx.try_recv() {
         leftover.extend(work.into_bid(stop_error(&stop)));
     }
     let _ = exits.send(Exit {
@@ -71,7 +72,7 @@ pub async fn run(
 async fn serve(
     ctx: &Context,
     auction: &AuctionId,
-    rx: &mut mpsc::Receiver<Work>,
+    rx: &mut QueueRx,
     must_exist: bool,
     leftover: &mut Vec<Bid>,
 ) -> Stop {
@@ -116,8 +117,8 @@ async fn serve(
                 let mut batch = vec![first];
                 while batch.len() < ctx.settings.max_batch {
                     match rx.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
+                        Some(more) => batch.push(more),
+                        None => break,
                     }
                 }
                 // A closed auction keeps its worker until idle: late bids are answered

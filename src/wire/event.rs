@@ -27,6 +27,9 @@ pub enum RejectReason {
     Malformed,
     /// The server is saturated and did not queue the bid; retry it (same `bid_id`) later.
     Overloaded,
+    /// Not judged: this bidder already has its share of bids waiting on this auction at the
+    /// server (a flood from one name); nothing stored. Wait for the outcomes, then retry.
+    TooManyPending,
     /// Valid, but the leader's proxy bid (`max_amount`) covers it: the leader's price rose
     /// to just above it (announced as the leader's `bid_accepted` with `"proxy": true`).
     OutbidByProxy,
@@ -45,6 +48,7 @@ impl RejectReason {
             RejectReason::Malformed => "malformed",
             RejectReason::Overloaded => "overloaded",
             RejectReason::OutbidByProxy => "outbid_by_proxy",
+            RejectReason::TooManyPending => "too_many_pending",
         }
     }
 
@@ -60,6 +64,7 @@ impl RejectReason {
             "malformed" => RejectReason::Malformed,
             "overloaded" => RejectReason::Overloaded,
             "outbid_by_proxy" => RejectReason::OutbidByProxy,
+            "too_many_pending" => RejectReason::TooManyPending,
             _ => return None,
         })
     }

@@ -69,9 +69,16 @@ pub async fn place_bids<C: ConnectionLike + Send>(
 fn decode_outcome(id: &AuctionId, bid: &Bid, line: &str) -> Option<Judged> {
     let (kind, rest) = line.split_once('|')?;
     if kind == "x" {
-        let reason = RejectReason::from_name(rest)?;
+        let (reason, next_min) = match rest.split_once('|') {
+            Some((reason, next_min)) => (reason, Some(next_min.parse().ok()?)),
+            None => (rest, None),
+        };
+        let mut event = Event::refusal(bid.clone(), RejectReason::from_name(reason)?, None);
+        if let Event::BidRejected { next_min: n, .. } = &mut event {
+            *n = next_min;
+        }
         return Some(Judged {
-            event: Event::refusal(bid.clone(), reason, None),
+            event,
             raised: None,
             fresh: true,
         });

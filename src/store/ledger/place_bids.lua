@@ -4,7 +4,11 @@
 --       max_amount ('' when the bid carries none)
 -- Returns one string per bid:
 --   'new|<outcome>'  judged now;   'dup|<outcome>'  bid_id seen before (first outcome);
---   'x|<reason>'     refused without touching history (unknown / closed / past deadline).
+--   'x|<reason>[|<next_min>]'  refused without touching history or storing anything:
+--     unknown / closed / past deadline, and a price too low (too_low, equal_to_high,
+--     below_min_increment, with the next_min it must reach). A price refusal needs no
+--     stored outcome to be idempotent: the price only rises, so a retry is refused again;
+--     not storing it is what keeps a flood of junk bids from filling Redis.
 -- <outcome> = status|seq|reason|next_min|amount|bidder|deadline[|p_seq|p_amount|p_bidder]
 --   deadline: the new deadline (Redis ms) when this outcome moved it (soft close), else ''.
 --   p_*: only for reason 'outbid_by_proxy': the leader's raise that outbid the bid, stored
@@ -85,7 +89,9 @@ for i = 4, #ARGV, per do
     elseif (high and amount < high) or (not high and amount < start) then reason = 'too_low'
     elseif amount < next_min then reason = 'below_min_increment'
     end
-    if reason == '' then
+    if reason ~= '' then
+      out[#out + 1] = 'x|' .. reason .. '|' .. fmt(next_min)
+    else
       if high and bidder ~= high_bidder and max <= high_max then
         -- The leader's max holds (the earlier max wins ties): its price rises to just
         -- above this bid's max, and this bid loses.
@@ -109,15 +115,13 @@ for i = 4, #ARGV, per do
         moved_s = lead(bid_id, bidder, price, max)
         next_min = price + inc
       end
-    else
-      seq = seq + 1
+      local outcome = status .. '|' .. fmt(seq) .. '|' .. reason .. '|' .. fmt(next_min) ..
+        '|' .. fmt(price) .. '|' .. bidder .. '|' .. moved_s .. proxy
+      judged[bid_id] = outcome
+      writes[#writes + 1] = bid_id
+      writes[#writes + 1] = outcome
+      out[#out + 1] = 'new|' .. outcome
     end
-    local outcome = status .. '|' .. fmt(seq) .. '|' .. reason .. '|' .. fmt(next_min) .. '|' ..
-      fmt(price) .. '|' .. bidder .. '|' .. moved_s .. proxy
-    judged[bid_id] = outcome
-    writes[#writes + 1] = bid_id
-    writes[#writes + 1] = outcome
-    out[#out + 1] = 'new|' .. outcome
   end
 end
 if #writes > 0 then
