@@ -55,6 +55,8 @@ pub struct Metrics {
     pub processing_seconds: Histogram,
     /// 1 while health is SERVING, else 0.
     pub serving: Gauge,
+    /// Closed auctions taken out of the indexes after their retention ran out.
+    pub auctions_forgotten: Counter,
     /// Bids sent by a bidder (first attempts).
     pub bids_sent: Counter,
     /// Bids re-published by a bidder.
@@ -89,6 +91,7 @@ impl Metrics {
             open_auctions: Gauge::default(),
             processing_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
             serving: Gauge::default(),
+            auctions_forgotten: Counter::default(),
             bids_sent: Counter::default(),
             bids_retried: Counter::default(),
         };
@@ -168,6 +171,11 @@ impl Metrics {
             "serving",
             "1 while grpc.health.v1 readiness is SERVING",
             m.serving.clone(),
+        );
+        r.register(
+            "auctions_forgotten",
+            "Closed auctions taken out of the indexes after their retention",
+            m.auctions_forgotten.clone(),
         );
         r.register("bids_sent", "Bids sent by this bidder", m.bids_sent.clone());
         r.register(

@@ -74,15 +74,18 @@ impl Server {
             args.wait_timeout,
             metrics.clone(),
         );
-        let (closes, close_batcher) = CloseBatcher::start(master.clone());
+        let retention = args.retention()?;
+        let (closes, close_batcher) = CloseBatcher::start(master.clone(), retention);
         let (keeper, lease_keeper) = LeaseKeeper::start(master.clone(), args.lock_lease / 3);
         let (refusals, refusal_rx) = mpsc::channel(QUEUE);
         let answering =
             intake::answer_refusals(master.clone(), channel.clone(), metrics.clone(), refusal_rx);
+        let sweeping = crate::server::retention::run(master.clone(), retention, metrics.clone());
         rest.extend([
             close_batcher,
             lease_keeper,
             TaskGuard::new("refusal answers", tokio::spawn(answering)),
+            TaskGuard::new("retention sweeper", tokio::spawn(sweeping)),
         ]);
         let ctx = Arc::new(Context {
             master: master.clone(),

@@ -4,6 +4,10 @@
 //! stream keeps accepted bids as history; a hash maps each `bid_id` to its first outcome so
 //! retries are idempotent. Every write happens inside a script that first runs the fence
 //! check from [`crate::store::lock`], and every outcome comes back as a ready [`Event`].
+//!
+//! A closed auction is kept for its [`Retention`]: the close sets every one of its keys to
+//! expire then and records it in `auctions:closed`, from which [`forget_expired`] takes it
+//! out of the indexes once that time has passed.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -32,12 +36,67 @@ static PLACE_BIDS: LazyLock<Script> =
 /// Closes many auctions, each fenced by its own lease (the script checks each one).
 static CLOSE: LazyLock<Script> =
     LazyLock::new(|| Script::new(&[FENCE_PRELUDE, include_str!("ledger/close.lua")].concat()));
+/// Takes closed auctions whose retention ran out out of the indexes (writes no auction).
+static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("ledger/forget.lua")));
 
 /// Longest item description, in bytes.
 pub const MAX_ITEM_LEN: usize = 200;
 /// Shortest and longest auction duration.
 pub const DURATION_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(30 * 24 * 3600));
+
+/// Shortest and longest time a closed auction is kept (`RETENTION`).
+pub const RETENTION_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(365 * 24 * 3600));
+
+/// How long a closed auction is kept after its close: a whole number of milliseconds within
+/// [`RETENTION_RANGE`], checked when built (the close script checks it again, since an
+/// expiry of zero would delete the auction on the spot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention(Duration);
+
+/// A retention outside [`RETENTION_RANGE`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "retention must be between {min} and {max}, got {got}",
+    min = short(RETENTION_RANGE.0),
+    max = short(RETENTION_RANGE.1),
+    got = short(*got)
+)]
+pub struct InvalidRetention {
+    /// The rejected value.
+    pub got: Duration,
+}
+
+/// `d` the way operators write it: `7d`, `90s`, `1500ms`.
+fn short(d: Duration) -> String {
+    const DAY: u64 = 24 * 3600;
+    match (d.as_secs(), d.subsec_nanos()) {
+        (s, 0) if s > 0 && s % DAY == 0 => format!("{}d", s / DAY),
+        (s, 0) => format!("{s}s"),
+        _ => format!("{}ms", d.as_millis()),
+    }
+}
+
+impl Retention {
+    /// `d`, if it lies within [`RETENTION_RANGE`] (sub-millisecond parts are dropped).
+    pub fn new(d: Duration) -> Result<Self, InvalidRetention> {
+        let (lo, hi) = RETENTION_RANGE;
+        if d < lo || d > hi {
+            return Err(InvalidRetention { got: d });
+        }
+        Ok(Self(Duration::from_millis(d.as_millis() as u64)))
+    }
+
+    /// The retention as a duration.
+    pub fn duration(self) -> Duration {
+        self.0
+    }
+
+    fn millis(self) -> u64 {
+        self.0.as_millis() as u64
+    }
+}
 
 /// Failure of a ledger operation.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +180,7 @@ pub async fn open<C: ConnectionLike + Send>(
         .key(id.lock_key())
         .key(keyspace::OPEN_AUCTIONS)
         .key(keyspace::ALL_AUCTIONS)
+        .key(keyspace::CLOSED_AUCTIONS)
         .arg(lease.value())
         .arg(lease.token())
         .arg(id.as_str())
@@ -288,13 +348,16 @@ impl CloseAs {
     }
 }
 
-/// Closes the lease's auction (exactly once across all callers).
+/// Closes the lease's auction (exactly once across all callers); a close made by this call
+/// starts the auction's `retention`.
 pub async fn close<C: ConnectionLike + Send>(
     conn: &mut C,
     lease: &Lease,
     mode: CloseMode,
+    retention: Retention,
 ) -> Result<Closed, LedgerError> {
-    let mut results = close_many(conn, &[(CloseAs::Holder(lease.clone()), mode)]).await?;
+    let mut results =
+        close_many(conn, &[(CloseAs::Holder(lease.clone()), mode)], retention).await?;
     results.pop().unwrap_or_else(|| {
         Err(LedgerError::Redis(RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
@@ -303,20 +366,26 @@ pub async fn close<C: ConnectionLike + Send>(
     })
 }
 
-/// Closes several auctions in one script call; one result per entry, in order. The
-/// auctions need not share a hash slot (this is one Redis, not a cluster; a cluster would
-/// group calls per slot).
+/// Closes several auctions in one script call; one result per entry, in order. Each close
+/// made by this call starts that auction's `retention` (every key of it expires then, and
+/// it is recorded in `auctions:closed` for [`forget_expired`]). The auctions need not share
+/// a hash slot (this is one Redis, not a cluster; a cluster would group calls per slot).
 pub async fn close_many<C: ConnectionLike + Send>(
     conn: &mut C,
     closes: &[(CloseAs, CloseMode)],
+    retention: Retention,
 ) -> Result<Vec<Result<Closed, LedgerError>>, LedgerError> {
     let mut call = CLOSE.prepare_invoke();
-    call.key(keyspace::OPEN_AUCTIONS);
+    call.key(keyspace::OPEN_AUCTIONS)
+        .key(keyspace::CLOSED_AUCTIONS)
+        .arg(retention.millis());
     for (who, mode) in closes {
         let id = who.auction();
         call.key(id.state_key())
             .key(id.lock_key())
-            .key(id.fence_key());
+            .key(id.fence_key())
+            .key(id.bids_key())
+            .key(id.outcomes_key());
         match who {
             CloseAs::Holder(lease) => call.arg(lease.value()).arg(lease.token()),
             CloseAs::Free(_) => call.arg("").arg(""),
@@ -368,6 +437,21 @@ fn closed(id: &AuctionId, reply: Reply) -> Result<Closed, LedgerError> {
         "fenced" => Err(LedgerError::Fenced),
         other => Err(reply.unexpected(other).into()),
     }
+}
+
+/// Takes up to `limit` closed auctions whose retention has run out (by Redis time) out of
+/// `auctions:all` and `auctions:closed`; their keys have expired by themselves. Returns how
+/// many; fewer than `limit` means none is left due. Idempotent: any server may call it.
+pub async fn forget_expired<C: ConnectionLike + Send>(
+    conn: &mut C,
+    limit: usize,
+) -> Result<usize, RedisError> {
+    FORGET
+        .key(keyspace::CLOSED_AUCTIONS)
+        .key(keyspace::ALL_AUCTIONS)
+        .arg(limit.max(1))
+        .invoke_async(conn)
+        .await
 }
 
 /// A stored auction, read back (for admin reads and tests).
@@ -443,38 +527,77 @@ fn record(id: AuctionId, h: &HashMap<String, String>) -> Option<AuctionRecord> {
     })
 }
 
-/// Auction ids in opening order, `count` of them from position `offset`.
-pub async fn list_ids<C: ConnectionLike + Send>(
-    conn: &mut C,
-    offset: usize,
-    count: usize,
-) -> Result<Vec<String>, RedisError> {
-    redis::cmd("ZRANGE")
-        .arg(keyspace::ALL_AUCTIONS)
-        .arg(offset)
-        .arg(offset + count.max(1) - 1)
-        .query_async(conn)
-        .await
+/// A place in `auctions:all`, which Redis orders by opening time, then by id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listed {
+    /// Opening time (Redis ms), the entry's score.
+    pub opened_ms: u64,
+    /// The auction.
+    pub id: AuctionId,
 }
 
-/// Reads several auctions in one round trip; ids that are invalid or gone are skipped.
+/// Up to `count` auctions in opening order, from just after `after` (from the first when
+/// `None`). Paging by value rather than by position keeps pages right while the retention
+/// sweeper takes entries out of the index: a removal never shifts the next page.
+pub async fn list_ids<C: ConnectionLike + Send>(
+    conn: &mut C,
+    after: Option<&Listed>,
+    count: usize,
+) -> Result<Vec<Listed>, RedisError> {
+    let count = count.max(1);
+    let min = after.map_or_else(|| "-inf".to_owned(), |a| a.opened_ms.to_string());
+    // Auctions opened in the same millisecond as `after` come first; those up to `after`
+    // are skipped, a page at a time if there are that many.
+    let mut skip = 0usize;
+    let mut listed = Vec::with_capacity(count);
+    loop {
+        let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(keyspace::ALL_AUCTIONS)
+            .arg(&min)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(skip)
+            .arg(count)
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await?;
+        let n = page.len();
+        listed.extend(page.into_iter().filter_map(|(member, score)| {
+            let id = AuctionId::parse(&member).ok()?;
+            // Opening times are whole ms well inside f64's exact range.
+            let entry = Listed {
+                opened_ms: score as u64,
+                id,
+            };
+            after.is_none_or(|a| entry > *a).then_some(entry)
+        }));
+        if listed.len() >= count || n < count {
+            listed.truncate(count);
+            return Ok(listed);
+        }
+        skip += n;
+    }
+}
+
+/// Reads several auctions in one round trip; one answer per id, in order, `None` for an
+/// auction that is gone (its retention ran out).
 pub async fn get_many<C: ConnectionLike + Send>(
     conn: &mut C,
-    ids: &[String],
-) -> Result<Vec<AuctionRecord>, RedisError> {
-    let ids: Vec<AuctionId> = ids
-        .iter()
-        .filter_map(|i| AuctionId::parse(i).ok())
-        .collect();
+    ids: &[AuctionId],
+) -> Result<Vec<Option<AuctionRecord>>, RedisError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
-    for id in &ids {
+    for id in ids {
         pipe.cmd("HGETALL").arg(id.state_key());
     }
     let hashes: Vec<HashMap<String, String>> = pipe.query_async(conn).await?;
     Ok(ids
-        .into_iter()
+        .iter()
         .zip(hashes)
-        .filter_map(|(id, h)| record(id, &h))
+        .map(|(id, h)| record(id.clone(), &h))
         .collect())
 }
 
@@ -531,4 +654,30 @@ pub async fn history<C: ConnectionLike + Send>(
             (sid, entry)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_is_whole_ms_within_its_range_and_says_so_otherwise() {
+        let ms = |r: Result<Retention, InvalidRetention>| r.map(|r| r.millis());
+        assert_eq!(ms(Retention::new(Duration::from_secs(1))), Ok(1000));
+        assert_eq!(
+            ms(Retention::new(Duration::from_micros(1_500_999))),
+            Ok(1500)
+        );
+        assert_eq!(
+            ms(Retention::new(Duration::from_secs(365 * 24 * 3600))),
+            Ok(365 * 24 * 3600 * 1000)
+        );
+        let err = Retention::new(Duration::from_millis(999)).expect_err("too short");
+        assert_eq!(
+            err.to_string(),
+            "retention must be between 1s and 365d, got 999ms"
+        );
+        let err = Retention::new(Duration::from_secs(400 * 24 * 3600)).expect_err("too long");
+        assert!(err.to_string().ends_with("got 400d"), "{err}");
+    }
 }

@@ -27,7 +27,8 @@ mod stored;
 mod watch;
 
 use messages::{
-    amount, bid_to_proto, constant_time_eq, invalid, page_size, parse_id, to_proto, unavailable,
+    BidsAfter, amount, auctions_after, auctions_token, bid_to_proto, bids_after, constant_time_eq,
+    invalid, page_size, parse_id, to_proto, unavailable,
 };
 use watch::WatchStream;
 
@@ -304,33 +305,24 @@ impl AdminService {
             Ok(pb::AuctionState::Closed) => Some(false),
             Err(_) => return Err(invalid("state", format!("unknown value {}", r.state))),
         };
-        let mut offset = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .strip_prefix("o")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    invalid(
-                        "page_token",
-                        "not a token from a previous ListAuctions response",
-                    )
-                })?
-        };
+        let mut after = auctions_after(&r.page_token)?;
         let mut conn = self.conn().await?;
         let mut auctions = Vec::new();
         // Scan in opening order; a filter may need several chunks to fill a page.
         let next = loop {
             let chunk = size.max(100);
-            let ids = ledger::list_ids(&mut conn, offset, chunk)
+            let listed = ledger::list_ids(&mut conn, after.as_ref(), chunk)
                 .await
                 .map_err(unavailable)?;
+            let last_chunk = listed.len() < chunk;
+            let ids: Vec<AuctionId> = listed.iter().map(|l| l.id.clone()).collect();
             let records = ledger::get_many(&mut conn, &ids)
                 .await
                 .map_err(unavailable)?;
-            let mut consumed = 0;
-            for rec in records {
-                consumed += 1;
+            for (place, rec) in listed.into_iter().zip(records) {
+                after = Some(place);
+                // `None`: its retention ran out and the sweeper has not taken it out yet.
+                let Some(rec) = rec else { continue };
                 if filter.is_none_or(|open| rec.open == open) {
                     auctions.push(to_proto(&rec));
                     if auctions.len() == size {
@@ -338,15 +330,14 @@ impl AdminService {
                     }
                 }
             }
-            offset += consumed;
             if auctions.len() == size {
-                let more = !ledger::list_ids(&mut conn, offset, 1)
+                let more = !ledger::list_ids(&mut conn, after.as_ref(), 1)
                     .await
                     .map_err(unavailable)?
                     .is_empty();
-                break more.then(|| format!("o{offset}"));
+                break after.as_ref().filter(|_| more).map(auctions_token);
             }
-            if ids.len() < chunk {
+            if last_chunk {
                 break None;
             }
         };
@@ -363,23 +354,14 @@ impl AdminService {
         let r = req.into_inner();
         let id = parse_id(&r.auction_id)?;
         let size = page_size(r.page_size, BIDS_PAGE)?;
-        let after = if r.page_token.is_empty() {
-            "-".to_owned()
-        } else {
-            let ok = r.page_token.split_once('-').is_some_and(|(a, b)| {
-                !a.is_empty()
-                    && !b.is_empty()
-                    && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
-            });
-            if !ok {
-                return Err(invalid(
-                    "page_token",
-                    "not a token from a previous ListBids response",
-                ));
-            }
-            r.page_token.clone()
-        };
+        let after = bids_after(&r.page_token)?;
         self.read(&id).await?;
+        let after = match after {
+            BidsAfter::Start => "-".to_owned(),
+            BidsAfter::Entry(last) => last,
+            // No stream id follows the largest one: an empty last page.
+            BidsAfter::End => return Ok(Response::new(pb::ListBidsResponse::default())),
+        };
         let mut conn = self.conn().await?;
         let mut page = ledger::history(&mut conn, &id, &after, size + 1)
             .await
