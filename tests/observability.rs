@@ -271,3 +271,41 @@ async fn scrape(url: &str) -> Option<String> {
     let (head, body) = buf.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bids_for_invented_auctions_leave_nothing_behind() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let stack = stack().await;
+        let metrics_port = free_port();
+        let _srv = server(&stack, "server", free_port(), &[("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))]);
+        wait_subscribers(&stack, DEFAULT_COMMAND_CHANNEL, 1, Duration::from_secs(20)).await;
+        let mut conn = master_conn(&stack).await;
+        const N: usize = 2000;
+        let mut pipe = redis::pipe();
+        for n in 0..N {
+            pipe.cmd("PUBLISH").arg(DEFAULT_COMMAND_CHANNEL).arg(format!(
+                r#"{{"v":1,"type":"bid","auction_id":"invented-{n}","bid_id":"i{n}","bidder":"x","amount":5}}"#
+            ));
+        }
+        let _: Vec<u64> = pipe.query_async(&mut conn).await.expect("publish");
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        // Every bid answered unknown_auction, and the router is back to no slot and no kept bid.
+        let text = eventually("every invented auction forgotten by the router", Duration::from_secs(30), || async {
+            let text = scrape(&url).await.ok_or("no scrape")?;
+            let unknown = text
+                .lines()
+                .find_map(|l| l.strip_prefix("auction_bids_rejected_total{reason=\"unknown_auction\"} "))
+                .unwrap_or("0");
+            let slots = text.lines().find_map(|l| l.strip_prefix("auction_router_slots ")).unwrap_or("?");
+            if unknown == N.to_string() && slots == "0" { Ok(text) } else { Err(format!("{unknown} refused, {slots} slots")) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(metric(&text, "auction_router_kept_bids"), 0.0);
+        // Nor anything in Redis.
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.expect("KEYS");
+        assert!(keys.is_empty(), "{keys:?}");
+    })
+    .await
+    .expect("bounded");
+}

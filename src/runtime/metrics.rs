@@ -57,6 +57,11 @@ pub struct Metrics {
     pub serving: Gauge,
     /// Closed auctions taken out of the indexes after their retention ran out.
     pub auctions_forgotten: Counter,
+    /// Bids the router keeps outside workers' queues (shadows of other servers' auctions,
+    /// work waiting for a close in flight), under one global cap.
+    pub router_kept_bids: Gauge,
+    /// Auctions the router has a slot for (worker, note about another holder, close).
+    pub router_slots: Gauge,
     /// Bids sent by a bidder (first attempts).
     pub bids_sent: Counter,
     /// Bids re-published by a bidder.
@@ -92,6 +97,8 @@ impl Metrics {
             processing_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
             serving: Gauge::default(),
             auctions_forgotten: Counter::default(),
+            router_kept_bids: Gauge::default(),
+            router_slots: Gauge::default(),
             bids_sent: Counter::default(),
             bids_retried: Counter::default(),
         };
@@ -176,6 +183,16 @@ impl Metrics {
             "auctions_forgotten",
             "Closed auctions taken out of the indexes after their retention",
             m.auctions_forgotten.clone(),
+        );
+        r.register(
+            "router_kept_bids",
+            "Bids kept by the router outside worker queues (shadows, closes in flight)",
+            m.router_kept_bids.clone(),
+        );
+        r.register(
+            "router_slots",
+            "Auctions the router has a slot for",
+            m.router_slots.clone(),
         );
         r.register("bids_sent", "Bids sent by this bidder", m.bids_sent.clone());
         r.register(
