@@ -273,6 +273,106 @@ async fn scrape(url: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_memory_is_exported_and_nearing_maxmemory_is_warned_once_per_crossing() {
+    use auction_testkit::{DevStack, DevStackConfig};
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let stack = DevStack::start(DevStackConfig {
+            extra_redis_conf: vec!["maxmemory 256mb".to_owned()],
+            ..DevStackConfig::default()
+        })
+        .await
+        .expect("start the local Redis topology");
+        let metrics_port = free_port();
+        let srv = server(
+            &stack,
+            "server",
+            free_port(),
+            &[("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))],
+        );
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        // Polled every 5 s; waits on a value bound it.
+        let reading = |want_max: u64| {
+            let url = url.clone();
+            async move {
+                eventually(
+                    &format!("auction_redis_maxmemory_bytes {want_max}"),
+                    Duration::from_secs(20),
+                    || async {
+                        let text = scrape(&url).await.ok_or("no scrape")?;
+                        let max = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("auction_redis_maxmemory_bytes "))
+                            .unwrap_or("?");
+                        if max == want_max.to_string() {
+                            Ok(metric(&text, "auction_redis_used_memory_bytes"))
+                        } else {
+                            Err(format!("maxmemory {max}"))
+                        }
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"))
+            }
+        };
+        let used = reading(256 << 20).await;
+        assert!(used > 0.0, "used memory is read: {used}");
+
+        // Push the master near its limit (88 %): one warning...
+        let conn = master_conn(&stack).await;
+        let config_max = |max: u64| {
+            let mut conn = conn.clone();
+            async move {
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("maxmemory")
+                    .arg(max)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("CONFIG SET");
+            }
+        };
+        let near = (used / 0.88) as u64;
+        config_max(near).await;
+        reading(near).await;
+        let warning = "above 80% of maxmemory";
+        eventually("the warning", Duration::from_secs(20), || async {
+            if srv.log().contains(warning) {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        // ...and no other at the next polls while it stays above (a new limit, still near,
+        // proves a later poll happened).
+        let nearer = (used / 0.87) as u64;
+        config_max(nearer).await;
+        reading(nearer).await;
+        assert_eq!(
+            srv.log().matches(warning).count(),
+            1,
+            "warned once per crossing:\n{}",
+            srv.log()
+        );
+        // Back below: said once too, and the warning is armed again.
+        config_max(256 << 20).await;
+        reading(256 << 20).await;
+        eventually("the all-clear", Duration::from_secs(20), || async {
+            if srv.log().contains("back below 75% of maxmemory") {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bids_for_invented_auctions_leave_nothing_behind() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let stack = stack().await;

@@ -62,6 +62,10 @@ pub struct Metrics {
     pub router_kept_bids: Gauge,
     /// Auctions the router has a slot for (worker, note about another holder, close).
     pub router_slots: Gauge,
+    /// The Redis master's `used_memory`, bytes.
+    pub redis_used_memory: Gauge,
+    /// The Redis master's `maxmemory`, bytes (0 = no limit).
+    pub redis_maxmemory: Gauge,
     /// Bids sent by a bidder (first attempts).
     pub bids_sent: Counter,
     /// Bids re-published by a bidder.
@@ -99,6 +103,8 @@ impl Metrics {
             auctions_forgotten: Counter::default(),
             router_kept_bids: Gauge::default(),
             router_slots: Gauge::default(),
+            redis_used_memory: Gauge::default(),
+            redis_maxmemory: Gauge::default(),
             bids_sent: Counter::default(),
             bids_retried: Counter::default(),
         };
@@ -193,6 +199,16 @@ impl Metrics {
             "router_slots",
             "Auctions the router has a slot for",
             m.router_slots.clone(),
+        );
+        r.register(
+            "redis_used_memory_bytes",
+            "The Redis master's used_memory (INFO memory), bytes",
+            m.redis_used_memory.clone(),
+        );
+        r.register(
+            "redis_maxmemory_bytes",
+            "The Redis master's maxmemory (INFO memory), bytes; 0 = no limit",
+            m.redis_maxmemory.clone(),
         );
         r.register("bids_sent", "Bids sent by this bidder", m.bids_sent.clone());
         r.register(

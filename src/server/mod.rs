@@ -11,8 +11,9 @@
 //!    (or the [`close_batch`]er for auctions nobody here holds); the [`lease_keeper`]
 //!    renews every held lease in batched calls.
 //! 5. Running for months: the [`retention`] sweeper takes closed auctions out of the
-//!    indexes once their keys expired, and the router's shadows and close queues share
-//!    one cap ([`kept`]).
+//!    indexes once their keys expired, [`redis_memory`] exports the master's memory and
+//!    warns near `maxmemory`, and the router's shadows and close queues share one cap
+//!    ([`kept`]).
 //!
 //! [`args`] is the configuration, [`context`] what the parts share, and the private
 //! `wiring` starts the parts and stops them in order. Uses every lower layer
@@ -29,6 +30,7 @@ pub mod context;
 pub mod intake;
 pub mod kept;
 pub mod lease_keeper;
+pub mod redis_memory;
 pub mod retention;
 pub mod router;
 mod wiring;

@@ -81,11 +81,13 @@ impl Server {
         let answering =
             intake::answer_refusals(master.clone(), channel.clone(), metrics.clone(), refusal_rx);
         let sweeping = crate::server::retention::run(master.clone(), retention, metrics.clone());
+        let memory = crate::server::redis_memory::run(master.clone(), metrics.clone());
         rest.extend([
             close_batcher,
             lease_keeper,
             TaskGuard::new("refusal answers", tokio::spawn(answering)),
             TaskGuard::new("retention sweeper", tokio::spawn(sweeping)),
+            TaskGuard::new("redis memory", tokio::spawn(memory)),
         ]);
         let ctx = Arc::new(Context {
             master: master.clone(),
