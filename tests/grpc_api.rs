@@ -463,3 +463,110 @@ async fn a_closed_auction_is_forgotten_after_its_retention_and_page_tokens_are_c
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_watch_open_ends_the_stream_drains_and_releases_the_lease() {
+    use auction::proto::v1 as pb;
+    use pb::auction_admin_client::AuctionAdminClient;
+    bounded(async {
+        let stack = stack().await;
+        let port = free_port();
+        let grace = Duration::from_secs(10);
+        // A long lease, so that only a release (not an expiry) can remove it right after exit.
+        let mut srv = server(
+            &stack,
+            "server",
+            port,
+            &[
+                ("SHUTDOWN_GRACE", "10s".into()),
+                ("LOCK_LEASE", "30s".into()),
+            ],
+        );
+        wait_health(port, "", "SERVING", Duration::from_secs(20)).await;
+        let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("connect");
+        admin
+            .open_auction(pb::OpenAuctionRequest {
+                item: "drain".into(),
+                starting_price: 1,
+                min_increment: 1,
+                auction_id: "drain".into(),
+                duration: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("open");
+        let lock_key = "lock:auction:{drain}";
+        let mut conn = master_conn(&stack).await;
+        let held: u64 = redis::cmd("EXISTS")
+            .arg(lock_key)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        assert_eq!(held, 1, "the server holds the auction's lease");
+
+        let mut stream = admin
+            .watch_auction(pb::WatchAuctionRequest {
+                auction_id: "drain".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the snapshot arrives")
+            .expect("a message")
+            .expect("not the end");
+        assert!(
+            matches!(
+                first.kind,
+                Some(pb::watch_auction_response::Kind::Snapshot(_))
+            ),
+            "{first:?}"
+        );
+
+        let asked = std::time::Instant::now();
+        srv.terminate();
+        let code = srv
+            .wait_exit(grace)
+            .await
+            .expect("exits within SHUTDOWN_GRACE");
+        let took = asked.elapsed();
+        // Right after exit: released, not left to expire.
+        let held: u64 = redis::cmd("EXISTS")
+            .arg(lock_key)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        assert_eq!(
+            held,
+            0,
+            "the lease was released at shutdown; log:\n{}",
+            srv.log()
+        );
+        assert_eq!(code, 0, "log:\n{}", srv.log());
+        assert!(
+            took < grace / 2,
+            "exited in {took:?}, well under SHUTDOWN_GRACE ({grace:?}); log:\n{}",
+            srv.log()
+        );
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the stream ends");
+        let status = end.expect_err("the stream ends with a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("shutting down"), "{status:?}");
+        let log = srv.log();
+        for sign in [
+            "did not stop in time",
+            "did not finish within the drain period",
+        ] {
+            assert!(!log.contains(sign), "{sign}:\n{log}");
+        }
+    })
+    .await;
+}

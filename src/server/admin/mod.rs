@@ -6,6 +6,11 @@
 //! for the resulting `auction_closed` event. Requests are validated here, at the boundary;
 //! errors map to `INVALID_ARGUMENT` (naming the field), `NOT_FOUND`, `ALREADY_EXISTS`,
 //! `FAILED_PRECONDITION`, `UNAVAILABLE` (retryable) and `UNAUTHENTICATED`.
+//!
+//! The service reaches the router through a [`RouterGate`], which the server closes at
+//! shutdown: from then on calls answer `UNAVAILABLE` ("shutting down") and open watches end
+//! the same way, so no connection a client keeps open can keep the router (and with it
+//! every worker and its lease) from draining.
 
 use std::time::Duration;
 
@@ -38,11 +43,19 @@ const BIDS_PAGE: (usize, usize) = (100, 1000);
 /// How long an admin close may take before `UNAVAILABLE` (covers a lease takeover).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The admin API's way to the router: `Some` while the server runs, `None` from the start
+/// of its shutdown (the server sends `None`, which also drops the router handle it held).
+pub type RouterGate = tokio::sync::watch::Receiver<Option<Router>>;
+
+/// What a call or a watch answers once the server is shutting down.
+pub const SHUTTING_DOWN: &str =
+    "shutting down: this server is stopping; retry, another server replica answers";
+
 /// The admin service.
 #[derive(Clone)]
 pub struct AdminService {
-    /// Routes mutations to the auction's worker.
-    pub router: Router,
+    /// Routes mutations to the auction's worker, until shutdown.
+    pub router: RouterGate,
     /// The master handle.
     pub master: Master,
     /// Events heard on the event channel.
@@ -86,6 +99,15 @@ impl AdminService {
         } else {
             Err(Status::unauthenticated("invalid admin token"))
         }
+    }
+
+    /// The router, or `UNAVAILABLE` once the server is shutting down. The handle is held
+    /// only for the call.
+    fn router(&self) -> Result<Router, Status> {
+        self.router
+            .borrow()
+            .clone()
+            .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))
     }
 
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, Status> {
@@ -199,7 +221,7 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         let span = rpc_span("WatchAuction", &req);
         let watching = async {
             let id = parse_id(&req.get_ref().auction_id)?;
-            watch::watch(&self.hub, &self.master, id).await
+            watch::watch(&self.hub, &self.master, self.router.clone(), id).await
         };
         watching.instrument(span).await
     }
@@ -225,7 +247,7 @@ impl AdminService {
         } else {
             parse_id(&r.auction_id)?
         };
-        self.router.open(id.clone(), spec).await?;
+        self.router()?.open(id.clone(), spec).await?;
         info!(auction = %id, "opened through the admin API");
         let auction = self.read(&id).await?;
         Ok(Response::new(pb::OpenAuctionResponse {
@@ -248,7 +270,7 @@ impl AdminService {
         let mut events = self.hub.subscribe().await;
         let until = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         loop {
-            match self.router.close(id.clone(), CloseMode::Forced).await {
+            match self.router()?.close(id.clone(), CloseMode::Forced).await {
                 Ok(Closed::ByUs(_)) => break,
                 Ok(Closed::Already(_)) => {
                     return Err(Status::failed_precondition(format!(
