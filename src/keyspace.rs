@@ -9,8 +9,12 @@ use std::fmt;
 
 /// Sorted set of open auctions scored by deadline (Redis ms): the closer's work list.
 pub const OPEN_AUCTIONS: &str = "auctions:open";
-/// Sorted set of every auction ever opened, scored by opening time (Redis ms).
+/// Sorted set of every auction opened and not yet forgotten, scored by opening time
+/// (Redis ms).
 pub const ALL_AUCTIONS: &str = "auctions:all";
+/// Sorted set of closed auctions scored by the time (Redis ms) their keys expire: the
+/// retention sweeper's work list (it takes expired ones out of every index).
+pub const CLOSED_AUCTIONS: &str = "auctions:closed";
 
 /// Longest accepted auction id, in bytes.
 pub const MAX_AUCTION_ID_LEN: usize = 64;

@@ -2,7 +2,8 @@
 //! as a pod renders it (the ConfigMap's `redis-init.sh`, the Secret's example passwords).
 //! A bidder can bid and listen and nothing else; the server touches only auction keys and
 //! its channels; and the real binaries, logged in as those users, run an auction to its
-//! winner without a single command refused (`ACL LOG` stays empty).
+//! winner and the server keeps it for its retention, then forgets it, without a single
+//! command refused (`ACL LOG` stays empty).
 
 mod deploy;
 mod support;
@@ -217,6 +218,8 @@ async fn the_real_binaries_run_an_auction_as_their_acl_users() {
             &[
                 ("REDIS_USERNAME", "auction-server".into()),
                 ("REDIS_PASSWORD", users.password("SERVER_PASSWORD")),
+                // Short, so that the retention sweeper runs within the test.
+                ("RETENTION", "5s".into()),
             ],
         );
         wait_health(grpc, "", "SERVING", Duration::from_secs(30)).await;
@@ -257,6 +260,25 @@ async fn the_real_binaries_run_an_auction_as_their_acl_users() {
         let auction = &got.json()["auction"];
         assert_eq!(auction["state"], "AUCTION_STATE_CLOSED", "{auction}");
         assert_eq!(auction["winner"]["bidder"], "bidder-1", "{auction}");
+
+        // After its retention the auction is gone, and out of every index: the server's user
+        // may run the retention sweep (and INFO, polled every 5 s for the memory metrics).
+        let mut admin = deploy::connect_as(master, Some(("admin", &admin_pw)));
+        auction_testkit::eventually("the closed auction to be forgotten", Duration::from_secs(20), || {
+            let indexed: Result<u64, _> = cmd(&["ZCARD", "auctions:all"]).query(&mut admin);
+            let gone = async { grpcurl(grpc, "auction.v1.AuctionAdmin/GetAuction", Some(r#"{"auction_id":"acl-1"}"#), None).await };
+            async move {
+                let listed = indexed.map_err(|e| e.to_string())?;
+                let got = gone.await;
+                if listed == 0 && !got.ok && got.stderr.contains("Code: NotFound") {
+                    Ok(())
+                } else {
+                    Err(format!("{listed} in auctions:all; GetAuction: {}{}", got.stdout, got.stderr))
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
         // Not one command of either binary was refused on the master.
         let denials = deploy::acl_denials(master, &admin_pw);

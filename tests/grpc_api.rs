@@ -385,3 +385,188 @@ async fn an_early_close_racing_bids_and_another_close_happens_exactly_once() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_auction_is_forgotten_after_its_retention_and_page_tokens_are_checked() {
+    bounded(async {
+        let stack = stack().await;
+        let tap = recorder(&stack).await;
+        let port = free_port();
+        let _srv = server(&stack, "server", port, &[("RETENTION", "3s".into())]);
+        wait_health(port, "", "SERVING", Duration::from_secs(20)).await;
+
+        // Page tokens are checked at the boundary: no overflow, no Redis error.
+        for token in ["o18446744073709551615", "c18446744073709551616:a", "c1:a}b", "c-1:a"] {
+            let req = format!(r#"{{"page_token":"{token}"}}"#);
+            let out = grpcurl(port, "auction.v1.AuctionAdmin/ListAuctions", Some(&req), None).await;
+            out.assert_code("InvalidArgument");
+            assert!(out.stderr.contains("page_token"), "{token}: {}", out.stderr);
+        }
+        for token in ["18446744073709551616-0", "0-18446744073709551616", "1-x"] {
+            let req = format!(r#"{{"auction_id":"gone","page_token":"{token}"}}"#);
+            grpcurl(port, "auction.v1.AuctionAdmin/ListBids", Some(&req), None).await.assert_code("InvalidArgument");
+        }
+
+        for id in ["brief", "lasting"] {
+            let req = format!(r#"{{"item":"{id}","starting_price":"100","min_increment":"10","duration":"60s","auction_id":"{id}"}}"#);
+            let opened = grpcurl(port, "auction.v1.AuctionAdmin/OpenAuction", Some(&req), None).await;
+            assert!(opened.ok, "{opened:?}");
+        }
+        let mut conn = master_conn(&stack).await;
+        let bid = bid_json("brief", "early-1", 100);
+        let _: u64 = redis::cmd("PUBLISH").arg(DEFAULT_COMMAND_CHANNEL).arg(&bid).query_async(&mut conn).await.expect("publish");
+        tap.wait_until("the bid accepted", Duration::from_secs(20), |evs| {
+            evs.iter().any(|e| matches!(e, Event::BidAccepted { bid_id, .. } if bid_id == "early-1")).then_some(())
+        })
+        .await;
+        let closed = grpcurl(port, "auction.v1.AuctionAdmin/CloseAuction", Some(r#"{"auction_id":"brief"}"#), None).await;
+        assert!(closed.ok, "{closed:?}");
+        // Still kept right after the close.
+        let got = grpcurl(port, "auction.v1.AuctionAdmin/GetAuction", Some(r#"{"auction_id":"brief"}"#), None).await;
+        assert_eq!(got.json()["auction"]["state"], "AUCTION_STATE_CLOSED", "{got:?}");
+
+        // RETENTION after the close it is gone: reads answer NOT_FOUND, and it is listed no more.
+        eventually_every("the closed auction to be forgotten", Duration::from_secs(20), Duration::from_millis(300), || async {
+            let get = grpcurl(port, "auction.v1.AuctionAdmin/GetAuction", Some(r#"{"auction_id":"brief"}"#), None).await;
+            let bids = grpcurl(port, "auction.v1.AuctionAdmin/ListBids", Some(r#"{"auction_id":"brief"}"#), None).await;
+            let list = grpcurl(port, "auction.v1.AuctionAdmin/ListAuctions", None, None).await;
+            let listed: Vec<String> = serde_json::from_str::<Value>(&list.stdout)
+                .ok()
+                .and_then(|v| v["auctions"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|a| a["auctionId"].as_str().map(str::to_owned))
+                .collect();
+            // Listed no more may come before the sweep (a gone auction is skipped); the
+            // indexes themselves must be swept too.
+            let mut conn = conn.clone();
+            let indexed: Vec<String> = redis::cmd("ZRANGE").arg("auctions:all").arg(0).arg(-1).query_async(&mut conn).await.map_err(|e| e.to_string())?;
+            let closed: Vec<String> = redis::cmd("ZRANGE").arg("auctions:closed").arg(0).arg(-1).query_async(&mut conn).await.map_err(|e| e.to_string())?;
+            let not_found = |g: &Grpcurl| !g.ok && g.stderr.contains("Code: NotFound");
+            if not_found(&get) && not_found(&bids) && listed == ["lasting"] && indexed == ["lasting"] && closed.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("GetAuction {get:?}; ListBids {bids:?}; listed {listed:?}; auctions:all {indexed:?}; auctions:closed {closed:?}"))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+        // A late retry of its bid is answered unknown_auction.
+        let _: u64 = redis::cmd("PUBLISH").arg(DEFAULT_COMMAND_CHANNEL).arg(&bid).query_async(&mut conn).await.expect("publish");
+        tap.wait_until("the late retry refused", Duration::from_secs(20), |evs| {
+            evs.iter()
+                .any(|e| matches!(e, Event::BidRejected { bid_id, reason: auction::wire::RejectReason::UnknownAuction, .. } if bid_id == "early-1"))
+                .then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_watch_open_ends_the_stream_drains_and_releases_the_lease() {
+    use auction::proto::v1 as pb;
+    use pb::auction_admin_client::AuctionAdminClient;
+    bounded(async {
+        let stack = stack().await;
+        let port = free_port();
+        let grace = Duration::from_secs(10);
+        // A long lease, so that only a release (not an expiry) can remove it right after exit.
+        let mut srv = server(
+            &stack,
+            "server",
+            port,
+            &[
+                ("SHUTDOWN_GRACE", "10s".into()),
+                ("LOCK_LEASE", "30s".into()),
+            ],
+        );
+        wait_health(port, "", "SERVING", Duration::from_secs(20)).await;
+        let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("connect");
+        admin
+            .open_auction(pb::OpenAuctionRequest {
+                item: "drain".into(),
+                starting_price: 1,
+                min_increment: 1,
+                auction_id: "drain".into(),
+                duration: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("open");
+        let lock_key = "lock:auction:{drain}";
+        let mut conn = master_conn(&stack).await;
+        let held: u64 = redis::cmd("EXISTS")
+            .arg(lock_key)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        assert_eq!(held, 1, "the server holds the auction's lease");
+
+        let mut stream = admin
+            .watch_auction(pb::WatchAuctionRequest {
+                auction_id: "drain".into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the snapshot arrives")
+            .expect("a message")
+            .expect("not the end");
+        assert!(
+            matches!(
+                first.kind,
+                Some(pb::watch_auction_response::Kind::Snapshot(_))
+            ),
+            "{first:?}"
+        );
+
+        let asked = std::time::Instant::now();
+        srv.terminate();
+        let code = srv
+            .wait_exit(grace)
+            .await
+            .expect("exits within SHUTDOWN_GRACE");
+        let took = asked.elapsed();
+        // Right after exit: released, not left to expire.
+        let held: u64 = redis::cmd("EXISTS")
+            .arg(lock_key)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        assert_eq!(
+            held,
+            0,
+            "the lease was released at shutdown; log:\n{}",
+            srv.log()
+        );
+        assert_eq!(code, 0, "log:\n{}", srv.log());
+        assert!(
+            took < grace / 2,
+            "exited in {took:?}, well under SHUTDOWN_GRACE ({grace:?}); log:\n{}",
+            srv.log()
+        );
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the stream ends");
+        let status = end.expect_err("the stream ends with a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("shutting down"), "{status:?}");
+        let log = srv.log();
+        for sign in [
+            "did not stop in time",
+            "did not finish within the drain period",
+        ] {
+            assert!(!log.contains(sign), "{sign}:\n{log}");
+        }
+    })
+    .await;
+}

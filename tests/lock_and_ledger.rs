@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use auction::keyspace::AuctionId;
-use auction::store::ledger::{self, AuctionSpec, CloseAs, CloseMode, Closed, LedgerError};
+use auction::store::ledger::{
+    self, AuctionSpec, CloseAs, CloseMode, Closed, LedgerError, Listed, Retention,
+};
 use auction::store::lock::{self, Acquire, Lease};
 use auction::wire::{Bid, Event, RejectReason};
 use auction_testkit::{DevStack, DevStackConfig, eventually};
@@ -36,6 +38,11 @@ fn spec() -> AuctionSpec {
         reserve_price: 0,
         soft_close: Duration::ZERO,
     }
+}
+
+/// The default retention (`RETENTION`), for tests that do not wait for it.
+fn week() -> Retention {
+    Retention::new(Duration::from_secs(7 * 24 * 3600)).expect("a valid retention")
 }
 
 fn bid(id: &AuctionId, bid_id: &str, bidder: &str, amount: u64) -> Bid {
@@ -184,7 +191,7 @@ async fn a_holder_whose_lease_expired_cannot_write_and_cannot_release_the_new_le
         ledger::place_bids(&mut conn, &old, &[bid(&id, "x2", "old", 600)])
             .await
             .map(|_| ()),
-        ledger::close(&mut conn, &old, CloseMode::Forced)
+        ledger::close(&mut conn, &old, CloseMode::Forced, week())
             .await
             .map(|_| ()),
     ] {
@@ -349,12 +356,12 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
 
     // Not due yet: the deadline is judged by Redis TIME, 60 s away.
     assert!(matches!(
-        ledger::close(&mut conn, &lease, CloseMode::Due)
+        ledger::close(&mut conn, &lease, CloseMode::Due, week())
             .await
             .expect("close"),
         Closed::NotDue(_)
     ));
-    let Closed::ByUs(closed) = ledger::close(&mut conn, &lease, CloseMode::Forced)
+    let Closed::ByUs(closed) = ledger::close(&mut conn, &lease, CloseMode::Forced, week())
         .await
         .expect("close")
     else {
@@ -363,7 +370,7 @@ async fn bids_are_judged_in_order_with_reasons_and_duplicates_return_the_first_o
     assert!(
         matches!(&closed, Event::AuctionClosed { winner: Some(w), amount: Some(110), seq: 4, bid_count: 2, .. } if w == "bob")
     );
-    let Closed::Already(again) = ledger::close(&mut conn, &lease, CloseMode::Forced)
+    let Closed::Already(again) = ledger::close(&mut conn, &lease, CloseMode::Forced, week())
         .await
         .expect("close")
     else {
@@ -456,7 +463,7 @@ async fn the_deadline_is_judged_by_redis_time_and_the_reserve_decides_the_winner
         "a bid after the deadline is rejected even before the close runs: {:?}",
         late[0].event
     );
-    let Closed::ByUs(closed) = ledger::close(&mut conn, &lease, CloseMode::Due)
+    let Closed::ByUs(closed) = ledger::close(&mut conn, &lease, CloseMode::Due, week())
         .await
         .expect("close")
     else {
@@ -541,6 +548,7 @@ async fn batched_renewals_releases_and_closes_answer_each_auction_under_its_own_
             (CloseAs::Free(ids[1].clone()), CloseMode::Forced),
             (CloseAs::Free(ids[2].clone()), CloseMode::Forced),
         ],
+        week(),
     )
     .await
     .expect("close_many");
@@ -584,4 +592,305 @@ async fn batched_renewals_releases_and_closes_answer_each_auction_under_its_own_
             .open
     );
     assert!(lock::renew(&mut conn, &other).await.expect("renew"));
+}
+
+/// A new auction `name` (the `spec()` one) opened under a lease of 30 s held by "s".
+async fn opened(conn: &mut MultiplexedConnection, name: &str) -> (AuctionId, Lease) {
+    let id = AuctionId::parse(name).expect("id");
+    let lease = take(conn, &id, "s", Duration::from_secs(30), false).await;
+    ledger::open(conn, &lease, &spec())
+        .await
+        .expect("open")
+        .expect("new");
+    (id, lease)
+}
+
+/// PTTL of `key` in ms (-2: gone, -1: no expiry).
+async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("PTTL")
+}
+
+async fn members(conn: &mut MultiplexedConnection, key: &str) -> Vec<String> {
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .expect("ZRANGE")
+}
+
+#[tokio::test]
+async fn a_closed_auction_is_kept_for_its_retention_then_forgotten_everywhere() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let stack = single().await;
+        let mut conn = master_conn(&stack).await;
+        let retention = Retention::new(Duration::from_secs(2)).expect("retention");
+        let (id, lease) = opened(&mut conn, "kept").await;
+        let b1 = bid(&id, "b1", "ann", 100);
+        ledger::place_bids(&mut conn, &lease, std::slice::from_ref(&b1))
+            .await
+            .expect("judge");
+        // Another auction stays open, and listed, throughout.
+        opened(&mut conn, "still-open").await;
+        for key in [
+            id.state_key(),
+            id.bids_key(),
+            id.outcomes_key(),
+            id.fence_key(),
+        ] {
+            assert_eq!(
+                pttl(&mut conn, &key).await,
+                -1,
+                "{key} has no expiry while open"
+            );
+        }
+
+        let Closed::ByUs(Event::AuctionClosed { closed_at_ms, .. }) =
+            ledger::close(&mut conn, &lease, CloseMode::Forced, retention)
+                .await
+                .expect("close")
+        else {
+            panic!("the close closes");
+        };
+        // Every key of the auction expires with its retention; the lock with its lease.
+        for key in [
+            id.state_key(),
+            id.bids_key(),
+            id.outcomes_key(),
+            id.fence_key(),
+        ] {
+            let ttl = pttl(&mut conn, &key).await;
+            assert!(
+                (1..=2000).contains(&ttl),
+                "{key} expires with the retention: {ttl}"
+            );
+        }
+        let expires: u64 = redis::cmd("ZSCORE")
+            .arg("auctions:closed")
+            .arg(id.as_str())
+            .query_async(&mut conn)
+            .await
+            .expect("ZSCORE");
+        assert_eq!(
+            expires,
+            closed_at_ms + 2000,
+            "recorded for the sweeper at its expiry"
+        );
+        // A second close changes nothing, its retention included.
+        let again = ledger::close(&mut conn, &lease, CloseMode::Forced, week())
+            .await
+            .expect("close");
+        assert!(matches!(again, Closed::Already(_)), "{again:?}");
+        assert!(pttl(&mut conn, &id.state_key()).await <= 2000);
+        // A server taking the closed auction's lease (a late bid) keeps the counter's expiry.
+        assert!(lock::release(&mut conn, &lease).await.expect("release"));
+        let late_holder = take(&mut conn, &id, "t", Duration::from_secs(30), true).await;
+        let ttl = pttl(&mut conn, &id.fence_key()).await;
+        assert!(
+            (1..=2000).contains(&ttl),
+            "the counter keeps its expiry: {ttl}"
+        );
+        // Not due yet: nothing is forgotten.
+        assert_eq!(
+            ledger::forget_expired(&mut conn, 100)
+                .await
+                .expect("forget"),
+            0
+        );
+
+        eventually(
+            "the closed auction's keys to expire",
+            Duration::from_secs(10),
+            || {
+                let mut conn = conn.clone();
+                let keys = [
+                    id.state_key(),
+                    id.bids_key(),
+                    id.outcomes_key(),
+                    id.fence_key(),
+                ];
+                async move {
+                    let n: u64 = redis::cmd("EXISTS")
+                        .arg(&keys[..])
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        Ok(())
+                    } else {
+                        Err(format!("{n} keys left"))
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(ledger::get(&mut conn, &id).await.expect("get").is_none());
+        // A late retry of its bid: the auction is unknown now, and nothing is re-created.
+        let late = ledger::place_bids(&mut conn, &late_holder, &[b1])
+            .await
+            .expect("judge");
+        assert!(
+            matches!(
+                late[0].event,
+                Event::BidRejected {
+                    reason: RejectReason::UnknownAuction,
+                    ..
+                }
+            ),
+            "{:?}",
+            late[0].event
+        );
+        assert!(ledger::get(&mut conn, &id).await.expect("get").is_none());
+
+        // The sweep takes it out of every index, once.
+        assert_eq!(
+            members(&mut conn, "auctions:all").await,
+            vec!["kept", "still-open"]
+        );
+        assert_eq!(
+            ledger::forget_expired(&mut conn, 100)
+                .await
+                .expect("forget"),
+            1
+        );
+        assert_eq!(
+            ledger::forget_expired(&mut conn, 100)
+                .await
+                .expect("forget again"),
+            0
+        );
+        assert_eq!(members(&mut conn, "auctions:all").await, vec!["still-open"]);
+        assert!(members(&mut conn, "auctions:closed").await.is_empty());
+        assert_eq!(
+            members(&mut conn, "auctions:open").await,
+            vec!["still-open"]
+        );
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test]
+async fn an_id_opened_again_after_its_retention_is_not_swept_out_with_its_old_entry() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let stack = single().await;
+        let mut conn = master_conn(&stack).await;
+        let retention = Retention::new(Duration::from_secs(1)).expect("retention");
+        let (id, lease) = opened(&mut conn, "again").await;
+        ledger::close(&mut conn, &lease, CloseMode::Forced, retention)
+            .await
+            .expect("close");
+        eventually(
+            "the closed auction to expire",
+            Duration::from_secs(10),
+            || {
+                let mut conn = conn.clone();
+                let id = id.clone();
+                async move {
+                    match ledger::get(&mut conn, &id)
+                        .await
+                        .map_err(|e| e.to_string())?
+                    {
+                        None => Ok(()),
+                        Some(_) => Err("still there".to_owned()),
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        // Opened again before any sweep ran: the old entry must not take the new one out.
+        ledger::open(&mut conn, &lease, &spec())
+            .await
+            .expect("open")
+            .expect("new again");
+        assert_eq!(
+            ledger::forget_expired(&mut conn, 100)
+                .await
+                .expect("forget"),
+            0
+        );
+        assert_eq!(members(&mut conn, "auctions:all").await, vec!["again"]);
+        assert!(
+            ledger::get(&mut conn, &id)
+                .await
+                .expect("get")
+                .expect("exists")
+                .open
+        );
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test]
+async fn listing_pages_by_value_so_removals_and_ties_neither_skip_nor_repeat() {
+    let stack = single().await;
+    let mut conn = master_conn(&stack).await;
+    // Three auctions opened in the same millisecond, one later.
+    let _: u64 = redis::cmd("ZADD")
+        .arg("auctions:all")
+        .arg(&["5", "a", "5", "b", "5", "c", "6", "d"][..])
+        .query_async(&mut conn)
+        .await
+        .expect("ZADD");
+    let ids = |page: Vec<Listed>| {
+        page.into_iter()
+            .map(|l| l.id.to_string())
+            .collect::<Vec<_>>()
+    };
+    let first = ledger::list_ids(&mut conn, None, 2).await.expect("list");
+    let after_b = first.last().cloned().expect("a page");
+    assert_eq!(ids(first), vec!["a", "b"]);
+    // The sweeper takes an entry before the cursor out: the next page does not shift.
+    let _: u64 = redis::cmd("ZREM")
+        .arg("auctions:all")
+        .arg("a")
+        .query_async(&mut conn)
+        .await
+        .expect("ZREM");
+    assert_eq!(
+        ids(ledger::list_ids(&mut conn, Some(&after_b), 2)
+            .await
+            .expect("list")),
+        vec!["c", "d"]
+    );
+    // Ties at the cursor are stepped over a page at a time.
+    let after_c = Listed {
+        opened_ms: 5,
+        id: AuctionId::parse("c").expect("id"),
+    };
+    assert_eq!(
+        ids(ledger::list_ids(&mut conn, Some(&after_c), 1)
+            .await
+            .expect("list")),
+        vec!["d"]
+    );
+    let after_d = Listed {
+        opened_ms: 6,
+        id: AuctionId::parse("d").expect("id"),
+    };
+    assert!(
+        ledger::list_ids(&mut conn, Some(&after_d), 1)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    // A cursor far beyond every entry is just the end.
+    let beyond = Listed {
+        opened_ms: u64::MAX,
+        id: AuctionId::parse("z").expect("id"),
+    };
+    assert!(
+        ledger::list_ids(&mut conn, Some(&beyond), 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
 }

@@ -271,3 +271,141 @@ async fn scrape(url: &str) -> Option<String> {
     let (head, body) = buf.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_memory_is_exported_and_nearing_maxmemory_is_warned_once_per_crossing() {
+    use auction_testkit::{DevStack, DevStackConfig};
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let stack = DevStack::start(DevStackConfig {
+            extra_redis_conf: vec!["maxmemory 256mb".to_owned()],
+            ..DevStackConfig::default()
+        })
+        .await
+        .expect("start the local Redis topology");
+        let metrics_port = free_port();
+        let srv = server(
+            &stack,
+            "server",
+            free_port(),
+            &[("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))],
+        );
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        // Polled every 5 s; waits on a value bound it.
+        let reading = |want_max: u64| {
+            let url = url.clone();
+            async move {
+                eventually(
+                    &format!("auction_redis_maxmemory_bytes {want_max}"),
+                    Duration::from_secs(20),
+                    || async {
+                        let text = scrape(&url).await.ok_or("no scrape")?;
+                        let max = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("auction_redis_maxmemory_bytes "))
+                            .unwrap_or("?");
+                        if max == want_max.to_string() {
+                            Ok(metric(&text, "auction_redis_used_memory_bytes"))
+                        } else {
+                            Err(format!("maxmemory {max}"))
+                        }
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"))
+            }
+        };
+        let used = reading(256 << 20).await;
+        assert!(used > 0.0, "used memory is read: {used}");
+
+        // Push the master near its limit (88 %): one warning...
+        let conn = master_conn(&stack).await;
+        let config_max = |max: u64| {
+            let mut conn = conn.clone();
+            async move {
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("maxmemory")
+                    .arg(max)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("CONFIG SET");
+            }
+        };
+        let near = (used / 0.88) as u64;
+        config_max(near).await;
+        reading(near).await;
+        let warning = "above 80% of maxmemory";
+        eventually("the warning", Duration::from_secs(20), || async {
+            if srv.log().contains(warning) {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        // ...and no other at the next polls while it stays above (a new limit, still near,
+        // proves a later poll happened).
+        let nearer = (used / 0.87) as u64;
+        config_max(nearer).await;
+        reading(nearer).await;
+        assert_eq!(
+            srv.log().matches(warning).count(),
+            1,
+            "warned once per crossing:\n{}",
+            srv.log()
+        );
+        // Back below: said once too, and the warning is armed again.
+        config_max(256 << 20).await;
+        reading(256 << 20).await;
+        eventually("the all-clear", Duration::from_secs(20), || async {
+            if srv.log().contains("back below 75% of maxmemory") {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bids_for_invented_auctions_leave_nothing_behind() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let stack = stack().await;
+        let metrics_port = free_port();
+        let _srv = server(&stack, "server", free_port(), &[("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))]);
+        wait_subscribers(&stack, DEFAULT_COMMAND_CHANNEL, 1, Duration::from_secs(20)).await;
+        let mut conn = master_conn(&stack).await;
+        const N: usize = 2000;
+        let mut pipe = redis::pipe();
+        for n in 0..N {
+            pipe.cmd("PUBLISH").arg(DEFAULT_COMMAND_CHANNEL).arg(format!(
+                r#"{{"v":1,"type":"bid","auction_id":"invented-{n}","bid_id":"i{n}","bidder":"x","amount":5}}"#
+            ));
+        }
+        let _: Vec<u64> = pipe.query_async(&mut conn).await.expect("publish");
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        // Every bid answered unknown_auction, and the router is back to no slot and no kept bid.
+        let text = eventually("every invented auction forgotten by the router", Duration::from_secs(30), || async {
+            let text = scrape(&url).await.ok_or("no scrape")?;
+            let unknown = text
+                .lines()
+                .find_map(|l| l.strip_prefix("auction_bids_rejected_total{reason=\"unknown_auction\"} "))
+                .unwrap_or("0");
+            let slots = text.lines().find_map(|l| l.strip_prefix("auction_router_slots ")).unwrap_or("?");
+            if unknown == N.to_string() && slots == "0" { Ok(text) } else { Err(format!("{unknown} refused, {slots} slots")) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(metric(&text, "auction_router_kept_bids"), 0.0);
+        // Nor anything in Redis.
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.expect("KEYS");
+        assert!(keys.is_empty(), "{keys:?}");
+    })
+    .await
+    .expect("bounded");
+}

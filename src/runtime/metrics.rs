@@ -55,6 +55,17 @@ pub struct Metrics {
     pub processing_seconds: Histogram,
     /// 1 while health is SERVING, else 0.
     pub serving: Gauge,
+    /// Closed auctions taken out of the indexes after their retention ran out.
+    pub auctions_forgotten: Counter,
+    /// Bids the router keeps outside workers' queues (shadows of other servers' auctions,
+    /// work waiting for a close in flight), under one global cap.
+    pub router_kept_bids: Gauge,
+    /// Auctions the router has a slot for (worker, note about another holder, close).
+    pub router_slots: Gauge,
+    /// The Redis master's `used_memory`, bytes.
+    pub redis_used_memory: Gauge,
+    /// The Redis master's `maxmemory`, bytes (0 = no limit).
+    pub redis_maxmemory: Gauge,
     /// Bids sent by a bidder (first attempts).
     pub bids_sent: Counter,
     /// Bids re-published by a bidder.
@@ -89,6 +100,11 @@ impl Metrics {
             open_auctions: Gauge::default(),
             processing_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 16)),
             serving: Gauge::default(),
+            auctions_forgotten: Counter::default(),
+            router_kept_bids: Gauge::default(),
+            router_slots: Gauge::default(),
+            redis_used_memory: Gauge::default(),
+            redis_maxmemory: Gauge::default(),
             bids_sent: Counter::default(),
             bids_retried: Counter::default(),
         };
@@ -168,6 +184,31 @@ impl Metrics {
             "serving",
             "1 while grpc.health.v1 readiness is SERVING",
             m.serving.clone(),
+        );
+        r.register(
+            "auctions_forgotten",
+            "Closed auctions taken out of the indexes after their retention",
+            m.auctions_forgotten.clone(),
+        );
+        r.register(
+            "router_kept_bids",
+            "Bids kept by the router outside worker queues (shadows, closes in flight)",
+            m.router_kept_bids.clone(),
+        );
+        r.register(
+            "router_slots",
+            "Auctions the router has a slot for",
+            m.router_slots.clone(),
+        );
+        r.register(
+            "redis_used_memory_bytes",
+            "The Redis master's used_memory (INFO memory), bytes",
+            m.redis_used_memory.clone(),
+        );
+        r.register(
+            "redis_maxmemory_bytes",
+            "The Redis master's maxmemory (INFO memory), bytes; 0 = no limit",
+            m.redis_maxmemory.clone(),
         );
         r.register("bids_sent", "Bids sent by this bidder", m.bids_sent.clone());
         r.register(

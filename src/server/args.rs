@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use crate::keyspace::AuctionId;
 use crate::runtime::config::{RedisArgs, parse_channel, parse_duration, parse_duration_or_off};
-use crate::store::ledger::AuctionSpec;
+use crate::store::ledger::{AuctionSpec, Retention};
 
 /// Default auction duration (`AUCTION_DURATION`).
 pub const DEFAULT_AUCTION_DURATION: &str = "30s";
@@ -19,6 +19,8 @@ pub const DEFAULT_WAIT_TIMEOUT: &str = "500ms";
 pub const DEFAULT_LOCK_LEASE: &str = "5s";
 /// Default bound on draining at shutdown (`SHUTDOWN_GRACE`).
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+/// Default time a closed auction is kept before all of it expires (`RETENTION`).
+pub const DEFAULT_RETENTION: &str = "7d";
 /// Default starting price of `--open-on-start` auctions, minor units.
 pub const DEFAULT_STARTING_PRICE: u64 = 100;
 /// Default minimum increment of `--open-on-start` auctions, minor units.
@@ -82,6 +84,10 @@ pub struct ServerArgs {
     /// Bound on draining in-flight work at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE, value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// How long a closed auction is kept: then its keys expire, it leaves every index, and
+    /// reads of it answer NOT_FOUND (1s to 365d).
+    #[arg(long, env = "RETENTION", default_value = DEFAULT_RETENTION, value_parser = parse_duration)]
+    pub retention: Duration,
     /// Where the gRPC admin API, health and reflection listen.
     #[arg(long, env = "GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
@@ -134,12 +140,20 @@ impl ServerArgs {
         Ok(Some((id, spec)))
     }
 
+    /// The validated `RETENTION`.
+    pub fn retention(&self) -> anyhow::Result<Retention> {
+        Retention::new(self.retention).map_err(|e| {
+            anyhow::anyhow!("RETENTION: {e}; closed auctions are kept this long (e.g. 7d)")
+        })
+    }
+
     /// Validates everything clap cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.redis.validate().map_err(anyhow::Error::msg)?;
         if let Some((_, spec)) = self.open_on_start_spec()? {
             spec.validate().context("invalid --open-on-start auction")?;
         }
+        self.retention()?;
         if self.lock_lease < Duration::from_millis(300) {
             anyhow::bail!("LOCK_LEASE must be at least 300ms");
         }
@@ -174,6 +188,7 @@ mod tests {
             DEFAULT_WAIT_TIMEOUT,
             DEFAULT_LOCK_LEASE,
             DEFAULT_SHUTDOWN_GRACE,
+            DEFAULT_RETENTION,
         ] {
             assert!(parse_duration(d).is_ok(), "{d}");
         }

@@ -5,6 +5,8 @@
 //! per auction would make the last close wait for thousands of round trips. Each close is
 //! still its own worker's step, under its own lease and fence (the script checks each), so
 //! it stays ordered with that auction's bids and events; only the Redis call is shared.
+//! Every close made here starts the auction's retention (`RETENTION`, see
+//! [`crate::store::ledger::Retention`]).
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -12,7 +14,7 @@ use crate::keyspace::AuctionId;
 use crate::link::sentinel::Master;
 use crate::runtime::task::TaskGuard;
 use crate::server::work::Failure;
-use crate::store::ledger::{self, CloseAs, CloseMode, Closed};
+use crate::store::ledger::{self, CloseAs, CloseMode, Closed, Retention};
 use crate::store::lock::Lease;
 
 /// Most auctions closed by one script call (bounds how long Redis is busy with one call).
@@ -32,10 +34,11 @@ pub struct CloseBatcher {
 }
 
 impl CloseBatcher {
-    /// Starts the task; it stops when every handle is dropped (or the guard is).
-    pub fn start(master: Master) -> (Self, TaskGuard) {
+    /// Starts the task; it stops when every handle is dropped (or the guard is). Closed
+    /// auctions are kept for `retention`.
+    pub fn start(master: Master, retention: Retention) -> (Self, TaskGuard) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let task = tokio::spawn(run(master, rx));
+        let task = tokio::spawn(run(master, retention, rx));
         (Self { tx }, TaskGuard::new("close batcher", task))
     }
 
@@ -76,7 +79,7 @@ impl CloseBatcher {
     }
 }
 
-async fn run(master: Master, mut rx: mpsc::Receiver<Request>) {
+async fn run(master: Master, retention: Retention, mut rx: mpsc::Receiver<Request>) {
     let mut requests = Vec::new();
     while rx.recv_many(&mut requests, MAX_BATCH).await > 0 {
         let lens: Vec<usize> = requests.iter().map(|r| r.closes.len()).collect();
@@ -88,7 +91,9 @@ async fn run(master: Master, mut rx: mpsc::Receiver<Request>) {
         let n = closes.len();
         // Chunks go out together (pipelined on the shared connection), so Redis runs them
         // back to back rather than one per round trip.
-        let chunks = closes.chunks(MAX_BATCH).map(|c| close_chunk(&master, c));
+        let chunks = closes
+            .chunks(MAX_BATCH)
+            .map(|c| close_chunk(&master, c, retention));
         let mut outcomes = futures_util::future::join_all(chunks)
             .await
             .into_iter()
@@ -100,7 +105,11 @@ async fn run(master: Master, mut rx: mpsc::Receiver<Request>) {
     }
 }
 
-async fn close_chunk(master: &Master, chunk: &[(CloseAs, CloseMode)]) -> Vec<Outcome> {
+async fn close_chunk(
+    master: &Master,
+    chunk: &[(CloseAs, CloseMode)],
+    retention: Retention,
+) -> Vec<Outcome> {
     let all = |f: &dyn Fn() -> Failure| chunk.iter().map(|_| Err(f())).collect();
     let link = match master.link(std::time::Duration::from_secs(1)).await {
         Ok(link) => link,
@@ -108,7 +117,7 @@ async fn close_chunk(master: &Master, chunk: &[(CloseAs, CloseMode)]) -> Vec<Out
     };
     let mut conn = link.conn.clone();
     let failure = |e| Failure::of(e, master, link.generation);
-    match ledger::close_many(&mut conn, chunk).await {
+    match ledger::close_many(&mut conn, chunk, retention).await {
         Ok(results) => results
             .into_iter()
             .map(|result| {

@@ -11,6 +11,10 @@
 //! 4. The [`closer`] closes auctions at their deadline by Redis time, through the router
 //!    (or the [`close_batch`]er for auctions nobody here holds); the [`lease_keeper`]
 //!    renews every held lease in batched calls.
+//! 5. Running for months: the [`retention`] sweeper takes closed auctions out of the
+//!    indexes once their keys expired, [`redis_memory`] exports the master's memory and
+//!    warns near `maxmemory`, and the router's shadows and close queues share one cap
+//!    ([`kept`]).
 //!
 //! [`args`] is the configuration, [`context`] what the parts share, and the private
 //! `wiring` starts the parts and stops them in order. Uses every lower layer
@@ -25,8 +29,11 @@ pub mod close_batch;
 pub mod closer;
 pub mod context;
 pub mod intake;
+pub mod kept;
 pub mod lease_keeper;
 pub mod queue;
+pub mod redis_memory;
+pub mod retention;
 pub mod router;
 mod wiring;
 pub mod work;

@@ -6,10 +6,12 @@
 //! bounded shadow is kept for a handover), or a deadline close in flight for an auction
 //! nobody held (work waits in the slot). The first piece of work for an auction with no
 //! slot starts a worker, which tries to take the lease. A bid for a worker whose queue is
-//! full is shed (`overloaded`) rather than waited for. The slot map is owned by one task,
-//! so there is no lock to hold across `.await`.
+//! full is shed (`overloaded`) rather than waited for. Shadows and work waiting for a close
+//! share one global cap ([`MAX_KEPT`], see [`crate::server::kept`]); a slot for an auction
+//! that does not exist lives only while its worker finds that out. The slot map is owned
+//! by one task, so there is no lock to hold across `.await`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use crate::keyspace::AuctionId;
 use crate::runtime::metrics::{add, inc};
 use crate::runtime::task::TaskGuard;
 use crate::server::context::Context;
+use crate::server::kept::{Budget, Kept};
 use crate::server::queue::{QueueTx, Refused, queue};
 use crate::server::work::{Exit, OpError, Work};
 use crate::server::worker;
@@ -46,6 +49,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const SHADOW_BIDS: usize = 1024;
 const SHADOW_AGE: Duration = Duration::from_secs(30);
 
+/// Most bids kept over all auctions in shadows and in work waiting for a close (a bid is
+/// at most about 0.5 KB here, so about 32 MB at worst). Beyond it a shadow keeps its newest
+/// bids only (the holder judges them anyway), and a bid waiting for a close is answered
+/// `overloaded` (the bidder retries it).
+pub const MAX_KEPT: usize = 65_536;
+
 enum Slot {
     Worker {
         generation: u64,
@@ -55,19 +64,28 @@ enum Slot {
     /// `shadow` for whoever holds it next.
     HeldElsewhere {
         until: Instant,
-        shadow: VecDeque<(Instant, Bid)>,
+        shadow: Kept<(Instant, Bid)>,
     },
     /// A deadline close of an auction nobody here held is in flight (see [`close_free`]);
     /// work arriving meanwhile waits here, in order, for whoever takes the lease next.
     Closing {
-        queued: Vec<Work>,
+        queued: Kept<Work>,
     },
 }
 
-/// Appends `bid` to a shadow, dropping (and counting) what is too old or too many.
-fn shadow_push(shadow: &mut VecDeque<(Instant, Bid)>, bid: Bid, ctx: &Context) {
+/// Appends `bid` to a shadow, dropping (and counting) what is too old or too many; when the
+/// global cap is reached, this shadow's oldest bid makes room (or, if it has none, `bid`
+/// is not kept).
+fn shadow_push(shadow: &mut Kept<(Instant, Bid)>, bid: Bid, ctx: &Context) {
     let now = Instant::now();
-    shadow.push_back((now, bid));
+    if !shadow.has_room() {
+        let made_room = shadow.pop_front().is_some();
+        inc(&ctx.metrics.bids_left_to_owner);
+        if !made_room {
+            return;
+        }
+    }
+    shadow.push((now, bid));
     while shadow.len() > SHADOW_BIDS
         || shadow
             .front()
@@ -170,6 +188,8 @@ fn stopped() -> OpError {
 struct State {
     ctx: Arc<Context>,
     slots: HashMap<AuctionId, Slot>,
+    /// Shared by every shadow and close queue in `slots`.
+    kept: Budget,
     workers: JoinSet<()>,
     next_generation: u64,
     exits: mpsc::UnboundedSender<Exit>,
@@ -186,9 +206,11 @@ struct Freed {
 async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Command>, drain: Duration) {
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     let (freed_tx, mut freed) = mpsc::unbounded_channel::<Freed>();
+    let kept = Budget::new(MAX_KEPT, ctx.metrics.router_kept_bids.clone());
     let mut st = State {
         ctx,
         slots: HashMap::new(),
+        kept,
         workers: JoinSet::new(),
         next_generation: 0,
         exits: exits_tx,
@@ -211,6 +233,7 @@ async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Command>, drain: Duration
                 Some(Command::CloseDue(auctions)) => st.close_due(auctions).await,
             },
         }
+        st.ctx.metrics.router_slots.set(st.slots.len() as i64);
     }
     // Shutdown: dropping the senders lets each worker finish its queue and release its lease.
     st.slots.clear();
@@ -261,7 +284,7 @@ impl State {
     /// Notes that another server holds `auction` for about `d`, keeping `bids` as the
     /// shadow for a handover.
     fn hold_off(&mut self, auction: AuctionId, d: Duration, bids: impl IntoIterator<Item = Bid>) {
-        let mut shadow = VecDeque::new();
+        let mut shadow = Kept::new(&self.kept);
         for bid in bids {
             shadow_push(&mut shadow, bid, &self.ctx);
         }
@@ -299,7 +322,13 @@ impl State {
                 }
             }
             Some(Slot::Closing { queued }) => {
-                queued.push(work);
+                // Over the global cap a bid is shed like one for a full worker queue; admin
+                // work (a caller waiting on a bounded call) always waits.
+                if !matches!(work, Work::Bid(_)) {
+                    queued.push(work);
+                } else if let Err(Work::Bid(bid)) = queued.try_push(work) {
+                    self.refuse(bid, RejectReason::Overloaded, OVERLOADED);
+                }
                 return;
             }
             Some(Slot::HeldElsewhere { until, shadow })
@@ -349,7 +378,7 @@ impl State {
             },
         );
         if let Some(Slot::HeldElsewhere { shadow, .. }) = previous {
-            for (_, bid) in shadow {
+            for (_, bid) in shadow.take_all() {
                 if tx.send(Work::Bid(bid)).await.is_err() {
                     inc(&self.ctx.metrics.bids_left_to_owner);
                 }
@@ -375,12 +404,13 @@ impl State {
                 Some(Slot::HeldElsewhere { until, .. }) if now < *until => {}
                 Some(Slot::Closing { .. }) => {}
                 _ => {
-                    let queued = match self.slots.remove(&auction) {
-                        Some(Slot::HeldElsewhere { shadow, .. }) => {
-                            shadow.into_iter().map(|(_, b)| Work::Bid(b)).collect()
+                    // The shadow's bids move over, already counted against the cap.
+                    let mut queued = Kept::new(&self.kept);
+                    if let Some(Slot::HeldElsewhere { shadow, .. }) = self.slots.remove(&auction) {
+                        for (_, bid) in shadow.take_all() {
+                            queued.push(Work::Bid(bid));
                         }
-                        _ => Vec::new(),
-                    };
+                    }
                     self.slots.insert(auction.clone(), Slot::Closing { queued });
                     free.push(auction);
                 }
@@ -399,12 +429,12 @@ impl State {
         };
         if let Some(d) = f.held {
             let bids = queued
-                .into_iter()
+                .take_all()
                 .filter_map(|w| w.into_bid(OpError::HeldElsewhere));
             self.hold_off(f.auction, d, bids);
             return;
         }
-        for work in queued {
+        for work in queued.take_all() {
             self.route(f.auction.clone(), work).await;
         }
     }

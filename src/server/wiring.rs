@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::control::health::{self, ADMIN_SERVICE};
@@ -16,7 +16,7 @@ use crate::link::subscription::{Message, Subscription};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::task::TaskGuard;
-use crate::server::admin::AdminService;
+use crate::server::admin::{AdminService, RouterGate};
 use crate::server::announcer::{Announcer, EventChannel};
 use crate::server::args::ServerArgs;
 use crate::server::close_batch::CloseBatcher;
@@ -48,10 +48,14 @@ pub(crate) struct Server {
     announcer_task: TaskGuard,
     health: tonic_health::server::HealthReporter,
     health_task: TaskGuard,
+    /// The admin API's way to the router; closed first at shutdown.
+    admin_router: watch::Sender<Option<Router>>,
     grpc: TaskGuard,
     stop_grpc: oneshot::Sender<()>,
     closer: TaskGuard,
     stop_closer: oneshot::Sender<()>,
+    /// `--open-on-start` retrying to open its auction (it holds a router handle).
+    opening: Option<TaskGuard>,
     _rest: Vec<TaskGuard>,
 }
 
@@ -79,15 +83,20 @@ impl Server {
             args.wait_timeout,
             metrics.clone(),
         );
-        let (closes, close_batcher) = CloseBatcher::start(master.clone());
+        let retention = args.retention()?;
+        let (closes, close_batcher) = CloseBatcher::start(master.clone(), retention);
         let (keeper, lease_keeper) = LeaseKeeper::start(master.clone(), args.lock_lease / 3);
         let (refusals, refusal_rx) = mpsc::channel(QUEUE);
         let answering =
             intake::answer_refusals(master.clone(), events, metrics.clone(), refusal_rx);
+        let sweeping = crate::server::retention::run(master.clone(), retention, metrics.clone());
+        let memory = crate::server::redis_memory::run(master.clone(), metrics.clone());
         rest.extend([
             close_batcher,
             lease_keeper,
             TaskGuard::new("refusal answers", tokio::spawn(answering)),
+            TaskGuard::new("retention sweeper", tokio::spawn(sweeping)),
+            TaskGuard::new("redis memory", tokio::spawn(memory)),
         ]);
         let ctx = Arc::new(Context {
             master: master.clone(),
@@ -119,8 +128,9 @@ impl Server {
         let health_task = health::report(reporter.clone(), SERVICES, ready, Some(metrics.clone()));
         rest.extend([master_up_task, ready_task]);
 
+        let (admin_router, gate): (_, RouterGate) = watch::channel(Some(router.clone()));
         let admin = AdminService {
-            router: router.clone(),
+            router: gate,
             master: master.clone(),
             hub: Hub::new(master.clone(), channel),
             control_channel: args.control_channel.clone(),
@@ -135,10 +145,10 @@ impl Server {
             let _ = stop_closer_rx.await;
         });
         let closer = TaskGuard::new("closer", tokio::spawn(closer));
-        if let Some((id, spec)) = args.open_on_start_spec()? {
+        let opening = args.open_on_start_spec()?.map(|(id, spec)| {
             let opening = open_on_start(router.clone(), id, spec);
-            rest.push(TaskGuard::new("open on start", tokio::spawn(opening)));
-        }
+            TaskGuard::new("open on start", tokio::spawn(opening))
+        });
         Ok(Server {
             metrics,
             router,
@@ -150,29 +160,38 @@ impl Server {
             announcer_task,
             health: reporter,
             health_task,
+            admin_router,
             grpc,
             stop_grpc,
             closer,
             stop_closer,
+            opening,
             _rest: rest,
         })
     }
 
     /// Stops in the order that loses nothing: NOT_SERVING first (probes stop routing
-    /// admin calls here), then no new admin calls, no new bids, no new closes; then the
-    /// workers drain their queues and release their leases (bounded by `grace`); then the
-    /// outcomes judged meanwhile are announced.
+    /// admin calls here), then no new admin calls (open watches end `UNAVAILABLE`), no new
+    /// bids, no new closes; then the workers drain their queues and release their leases
+    /// (bounded by `grace`); then the outcomes judged meanwhile are announced.
+    ///
+    /// The router drains once every handle to it is gone. The admin API's handle goes
+    /// first, through its gate rather than with the gRPC server: a client's open
+    /// connection (a watch stream, a slow reader) keeps the service alive beyond the gRPC
+    /// server's own stop, and must not keep the router, and so every lease, with it.
     pub(crate) async fn stop(self, grace: Duration) {
         info!(
             "shutting down: NOT_SERVING, no new bids or admin calls; draining auctions in progress"
         );
         drop(self.health_task);
         health::not_serving(&self.health, SERVICES).await;
+        self.admin_router.send_replace(None);
         let _ = self.stop_grpc.send(());
         self.grpc.join(Duration::from_secs(2)).await;
         drop(self.subscription);
         let _ = self.stop_closer.send(());
         self.closer.join(Duration::from_secs(1)).await;
+        drop(self.opening);
         drop(self.router);
         self.router_task.join(grace + Duration::from_secs(1)).await;
         // Outcomes judged while draining are announced before the process exits.

@@ -5,7 +5,7 @@ use tonic::Status;
 
 use crate::keyspace::AuctionId;
 use crate::proto::v1 as pb;
-use crate::store::ledger::{AuctionRecord, HistoryEntry};
+use crate::store::ledger::{AuctionRecord, HistoryEntry, Listed};
 use crate::wire::{self, Event};
 
 pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -50,6 +50,70 @@ pub(super) fn page_size(raw: i32, (default, max): (usize, usize)) -> Result<usiz
         }
         n => Ok(n as usize),
     }
+}
+
+/// The `ListAuctions` page token for the page after `last`: `c<opened_ms>:<auction_id>`, a
+/// place in the index by value, so entries the retention sweeper removes between two pages
+/// do not shift the next one.
+pub(super) fn auctions_token(last: &Listed) -> String {
+    format!("c{}:{}", last.opened_ms, last.id)
+}
+
+/// The place a `ListAuctions` page token names (`None` for the first page).
+pub(super) fn auctions_after(token: &str) -> Result<Option<Listed>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || bad_token("ListAuctions");
+    let (ms, id) = token
+        .strip_prefix('c')
+        .and_then(|rest| rest.split_once(':'))
+        .ok_or_else(bad)?;
+    Ok(Some(Listed {
+        opened_ms: parse_decimal(ms).ok_or_else(bad)?,
+        id: AuctionId::parse(id).map_err(|_| bad())?,
+    }))
+}
+
+/// Where a `ListBids` page starts.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum BidsAfter {
+    /// The first page.
+    Start,
+    /// After this stream id (`<ms>-<seq>`, both checked to fit Redis's 64-bit parts).
+    Entry(String),
+    /// After the largest possible stream id: nothing can follow.
+    End,
+}
+
+/// The place a `ListBids` page token (the last stream id of the previous page) names.
+pub(super) fn bids_after(token: &str) -> Result<BidsAfter, Status> {
+    if token.is_empty() {
+        return Ok(BidsAfter::Start);
+    }
+    let bad = || bad_token("ListBids");
+    let (ms, seq) = token.split_once('-').ok_or_else(bad)?;
+    match (parse_decimal(ms), parse_decimal(seq)) {
+        (Some(u64::MAX), Some(u64::MAX)) => Ok(BidsAfter::End),
+        (Some(ms), Some(seq)) => Ok(BidsAfter::Entry(format!("{ms}-{seq}"))),
+        _ => Err(bad()),
+    }
+}
+
+fn bad_token(rpc: &str) -> Status {
+    invalid(
+        "page_token",
+        format!("not a token from a previous {rpc} response; start again with an empty page_token"),
+    )
+}
+
+/// A plain decimal `u64` (digits only: no sign, no spaces), `None` if it is not one or
+/// does not fit.
+fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 pub(super) fn timestamp(ms: u64) -> prost_types::Timestamp {
@@ -194,4 +258,62 @@ pub fn event_to_proto(e: &Event) -> Option<pb::AuctionEvent> {
         seq,
         kind: Some(kind),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auction_page_tokens_round_trip_and_refuse_anything_else() {
+        let place = Listed {
+            opened_ms: 1_795_770_000_000,
+            id: AuctionId::parse("lot-7").expect("id"),
+        };
+        let token = auctions_token(&place);
+        assert_eq!(auctions_after(&token).expect("valid"), Some(place));
+        assert_eq!(auctions_after("").expect("first page"), None);
+        for bad in [
+            "o18446744073709551615",
+            "o5",
+            "c18446744073709551616:a",
+            "c-1:a",
+            "c+1:a",
+            "c1:",
+            "c1:a:b",
+            "c:a",
+            "c1",
+            "garbage",
+        ] {
+            let err = auctions_after(bad).expect_err(bad);
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(err.message().starts_with("page_token"), "{bad}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn bid_page_tokens_fit_redis_stream_ids() {
+        assert_eq!(bids_after("").expect("first"), BidsAfter::Start);
+        assert_eq!(
+            bids_after("1795770000000-3").expect("valid"),
+            BidsAfter::Entry("1795770000000-3".into())
+        );
+        assert_eq!(
+            bids_after("18446744073709551615-18446744073709551615").expect("largest"),
+            BidsAfter::End
+        );
+        for bad in [
+            "18446744073709551616-0",
+            "0-18446744073709551616",
+            "1-",
+            "-1",
+            "1-2-3",
+            "+1-2",
+            "1",
+            "o18446744073709551615",
+        ] {
+            let err = bids_after(bad).expect_err(bad);
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
 }

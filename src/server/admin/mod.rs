@@ -6,6 +6,11 @@
 //! for the resulting `auction_closed` event. Requests are validated here, at the boundary;
 //! errors map to `INVALID_ARGUMENT` (naming the field), `NOT_FOUND`, `ALREADY_EXISTS`,
 //! `FAILED_PRECONDITION`, `UNAVAILABLE` (retryable) and `UNAUTHENTICATED`.
+//!
+//! The service reaches the router through a [`RouterGate`], which the server closes at
+//! shutdown: from then on calls answer `UNAVAILABLE` ("shutting down") and open watches end
+//! the same way, so no connection a client keeps open can keep the router (and with it
+//! every worker and its lease) from draining.
 
 use std::time::Duration;
 
@@ -28,8 +33,8 @@ mod watch;
 
 use crate::server::args::AuctionDefaults;
 use messages::{
-    amount, bid_to_proto, constant_time_eq, from_duration, invalid, page_size, parse_id, to_proto,
-    unavailable,
+    BidsAfter, amount, auctions_after, auctions_token, bid_to_proto, bids_after, constant_time_eq,
+    from_duration, invalid, page_size, parse_id, to_proto, unavailable,
 };
 use watch::WatchStream;
 
@@ -39,11 +44,19 @@ const BIDS_PAGE: (usize, usize) = (100, 1000);
 /// How long an admin close may take before `UNAVAILABLE` (covers a lease takeover).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The admin API's way to the router: `Some` while the server runs, `None` from the start
+/// of its shutdown (the server sends `None`, which also drops the router handle it held).
+pub type RouterGate = tokio::sync::watch::Receiver<Option<Router>>;
+
+/// What a call or a watch answers once the server is shutting down.
+pub const SHUTTING_DOWN: &str =
+    "shutting down: this server is stopping; retry, another server replica answers";
+
 /// The admin service.
 #[derive(Clone)]
 pub struct AdminService {
-    /// Routes mutations to the auction's worker.
-    pub router: Router,
+    /// Routes mutations to the auction's worker, until shutdown.
+    pub router: RouterGate,
     /// The master handle.
     pub master: Master,
     /// Events heard on the event channel.
@@ -87,6 +100,15 @@ impl AdminService {
         } else {
             Err(Status::unauthenticated("invalid admin token"))
         }
+    }
+
+    /// The router, or `UNAVAILABLE` once the server is shutting down. The handle is held
+    /// only for the call.
+    fn router(&self) -> Result<Router, Status> {
+        self.router
+            .borrow()
+            .clone()
+            .ok_or_else(|| Status::unavailable(SHUTTING_DOWN))
     }
 
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, Status> {
@@ -214,7 +236,7 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         let span = rpc_span("WatchAuction", &req);
         let watching = async {
             let id = parse_id(&req.get_ref().auction_id)?;
-            watch::watch(&self.hub, &self.master, id).await
+            watch::watch(&self.hub, &self.master, self.router.clone(), id).await
         };
         watching.instrument(span).await
     }
@@ -240,7 +262,7 @@ impl AdminService {
         } else {
             parse_id(&r.auction_id)?
         };
-        self.router.open(id.clone(), spec).await?;
+        self.router()?.open(id.clone(), spec).await?;
         info!(auction = %id, "opened through the admin API");
         let auction = self.read(&id).await?;
         Ok(Response::new(pb::OpenAuctionResponse {
@@ -263,7 +285,7 @@ impl AdminService {
         let mut events = self.hub.subscribe().await;
         let until = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         loop {
-            match self.router.close(id.clone(), CloseMode::Forced).await {
+            match self.router()?.close(id.clone(), CloseMode::Forced).await {
                 Ok(Closed::ByUs(_)) => break,
                 Ok(Closed::Already(_)) => {
                     return Err(Status::failed_precondition(format!(
@@ -320,33 +342,24 @@ impl AdminService {
             Ok(pb::AuctionState::Closed) => Some(false),
             Err(_) => return Err(invalid("state", format!("unknown value {}", r.state))),
         };
-        let mut offset = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .strip_prefix("o")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    invalid(
-                        "page_token",
-                        "not a token from a previous ListAuctions response",
-                    )
-                })?
-        };
+        let mut after = auctions_after(&r.page_token)?;
         let mut conn = self.conn().await?;
         let mut auctions = Vec::new();
         // Scan in opening order; a filter may need several chunks to fill a page.
         let next = loop {
             let chunk = size.max(100);
-            let ids = ledger::list_ids(&mut conn, offset, chunk)
+            let listed = ledger::list_ids(&mut conn, after.as_ref(), chunk)
                 .await
                 .map_err(unavailable)?;
+            let last_chunk = listed.len() < chunk;
+            let ids: Vec<AuctionId> = listed.iter().map(|l| l.id.clone()).collect();
             let records = ledger::get_many(&mut conn, &ids)
                 .await
                 .map_err(unavailable)?;
-            let mut consumed = 0;
-            for rec in records {
-                consumed += 1;
+            for (place, rec) in listed.into_iter().zip(records) {
+                after = Some(place);
+                // `None`: its retention ran out and the sweeper has not taken it out yet.
+                let Some(rec) = rec else { continue };
                 if filter.is_none_or(|open| rec.open == open) {
                     auctions.push(to_proto(&rec));
                     if auctions.len() == size {
@@ -354,15 +367,14 @@ impl AdminService {
                     }
                 }
             }
-            offset += consumed;
             if auctions.len() == size {
-                let more = !ledger::list_ids(&mut conn, offset, 1)
+                let more = !ledger::list_ids(&mut conn, after.as_ref(), 1)
                     .await
                     .map_err(unavailable)?
                     .is_empty();
-                break more.then(|| format!("o{offset}"));
+                break after.as_ref().filter(|_| more).map(auctions_token);
             }
-            if ids.len() < chunk {
+            if last_chunk {
                 break None;
             }
         };
@@ -379,23 +391,14 @@ impl AdminService {
         let r = req.into_inner();
         let id = parse_id(&r.auction_id)?;
         let size = page_size(r.page_size, BIDS_PAGE)?;
-        let after = if r.page_token.is_empty() {
-            "-".to_owned()
-        } else {
-            let ok = r.page_token.split_once('-').is_some_and(|(a, b)| {
-                !a.is_empty()
-                    && !b.is_empty()
-                    && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
-            });
-            if !ok {
-                return Err(invalid(
-                    "page_token",
-                    "not a token from a previous ListBids response",
-                ));
-            }
-            r.page_token.clone()
-        };
+        let after = bids_after(&r.page_token)?;
         self.read(&id).await?;
+        let after = match after {
+            BidsAfter::Start => "-".to_owned(),
+            BidsAfter::Entry(last) => last,
+            // No stream id follows the largest one: an empty last page.
+            BidsAfter::End => return Ok(Response::new(pb::ListBidsResponse::default())),
+        };
         let mut conn = self.conn().await?;
         let mut page = ledger::history(&mut conn, &id, &after, size + 1)
             .await

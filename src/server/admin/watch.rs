@@ -1,7 +1,9 @@
 //! `WatchAuction`: the auction's stored state first, then its events live, from the hub.
 //! A gap in `seq`, a lagging receiver or a quiet period ([`WATCH_RESYNC`]) makes the
 //! stream re-read stored state, so a watcher never misses the outcome; the stream ends
-//! after the close, when the client goes, or at shutdown.
+//! after the close, when the client goes, or at shutdown (`UNAVAILABLE`, "shutting down"):
+//! an open stream keeps its connection, and so the server's gRPC side, alive, and the
+//! shutdown must not wait for clients to hang up.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tonic::{Response, Status};
 use tracing::warn;
 
 use super::messages::{event_to_proto, to_proto};
-use super::stored;
+use super::{RouterGate, SHUTTING_DOWN, stored};
 use crate::control::hub::Hub;
 use crate::keyspace::AuctionId;
 use crate::link::sentinel::Master;
@@ -23,6 +25,9 @@ use crate::wire::Event;
 
 /// How often a watch re-reads stored state, to catch an event lost on the way.
 const WATCH_RESYNC: Duration = Duration::from_secs(5);
+/// Longest a watch's final status waits for room in the stream (a client that stopped
+/// reading does not get it).
+const LAST_WORD: Duration = Duration::from_secs(1);
 
 /// The stream a `WatchAuction` call answers with.
 pub(super) type WatchStream =
@@ -30,10 +35,12 @@ pub(super) type WatchStream =
 
 type WatchTx = mpsc::Sender<Result<pb::WatchAuctionResponse, Status>>;
 
-/// Answers a `WatchAuction` of `id`: the stream of its snapshot, then its events.
+/// Answers a `WatchAuction` of `id`: the stream of its snapshot, then its events, until
+/// `gate` closes (shutdown).
 pub(super) async fn watch(
     hub: &Hub,
     master: &Master,
+    mut gate: RouterGate,
     id: AuctionId,
 ) -> Result<Response<WatchStream>, Status> {
     // Listen before reading the snapshot, so no event falls between the two.
@@ -44,8 +51,13 @@ pub(super) async fn watch(
     // The task lives as long as the client listens: it stops when the stream's
     // receiver is dropped (client gone), when the auction closes, or at shutdown.
     tokio::spawn(async move {
-        if let Err(e) = pump(&master, id, snapshot, events, &tx).await {
-            let _ = tx.send(Err(e)).await;
+        // Shutdown interrupts the pump wherever it waits (it only reads and sends).
+        let result = tokio::select! {
+            result = pump(&master, id, snapshot, events, &tx) => result,
+            _ = gate.wait_for(Option::is_none) => Err(Status::unavailable(SHUTTING_DOWN)),
+        };
+        if let Err(e) = result {
+            let _ = tokio::time::timeout(LAST_WORD, tx.send(Err(e))).await;
         }
     });
     Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
 
-use super::{CLOSE, LedgerError};
+use super::{CLOSE, LedgerError, Retention};
 use crate::keyspace::{self, AuctionId};
 use crate::link::script::Reply;
 use crate::store::lock::Lease;
@@ -55,13 +55,16 @@ impl CloseAs {
     }
 }
 
-/// Closes the lease's auction (exactly once across all callers).
+/// Closes the lease's auction (exactly once across all callers); a close made by this call
+/// starts the auction's `retention`.
 pub async fn close<C: ConnectionLike + Send>(
     conn: &mut C,
     lease: &Lease,
     mode: CloseMode,
+    retention: Retention,
 ) -> Result<Closed, LedgerError> {
-    let mut results = close_many(conn, &[(CloseAs::Holder(lease.clone()), mode)]).await?;
+    let mut results =
+        close_many(conn, &[(CloseAs::Holder(lease.clone()), mode)], retention).await?;
     results.pop().unwrap_or_else(|| {
         Err(LedgerError::Redis(RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
@@ -70,20 +73,26 @@ pub async fn close<C: ConnectionLike + Send>(
     })
 }
 
-/// Closes several auctions in one script call; one result per entry, in order. The
-/// auctions need not share a hash slot (this is one Redis, not a cluster; a cluster would
-/// group calls per slot).
+/// Closes several auctions in one script call; one result per entry, in order. Each close
+/// made by this call starts that auction's `retention` (every key of it expires then, and
+/// it is recorded in `auctions:closed` for [`forget_expired`]). The auctions need not share
+/// a hash slot (this is one Redis, not a cluster; a cluster would group calls per slot).
 pub async fn close_many<C: ConnectionLike + Send>(
     conn: &mut C,
     closes: &[(CloseAs, CloseMode)],
+    retention: Retention,
 ) -> Result<Vec<Result<Closed, LedgerError>>, LedgerError> {
     let mut call = CLOSE.prepare_invoke();
-    call.key(keyspace::OPEN_AUCTIONS);
+    call.key(keyspace::OPEN_AUCTIONS)
+        .key(keyspace::CLOSED_AUCTIONS)
+        .arg(retention.millis());
     for (who, mode) in closes {
         let id = who.auction();
         call.key(id.state_key())
             .key(id.lock_key())
-            .key(id.fence_key());
+            .key(id.fence_key())
+            .key(id.bids_key())
+            .key(id.outcomes_key());
         match who {
             CloseAs::Holder(lease) => call.arg(lease.value()).arg(lease.token()),
             CloseAs::Free(_) => call.arg("").arg(""),

@@ -6,8 +6,11 @@
 //! check from [`crate::store::lock`], and every outcome comes back as a ready [`Event`].
 //!
 //! Here: the parameters of an auction and opening it; `judge`: judging bids in batches
-//! ([`place_bids`]); `closing`: closing exactly once ([`close_many`]); `read`: reading
-//! auctions and their history back for the admin API and tests.
+//! ([`place_bids`]); `closing`: closing exactly once ([`close_many`]); `retention`: how
+//! long a closed auction is kept ([`Retention`]: the close sets every one of its keys to
+//! expire then and records it in `auctions:closed`, from which [`forget_expired`] takes it
+//! out of the indexes once that time has passed); `read`: reading auctions and their
+//! history back for the admin API and tests.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -23,10 +26,12 @@ use crate::wire::{self, Event};
 mod closing;
 mod judge;
 mod read;
+mod retention;
 
 pub use closing::{CloseAs, CloseMode, Closed, close, close_many};
 pub use judge::{Judged, place_bids};
-pub use read::{AuctionRecord, HistoryEntry, get, get_many, history, list_ids};
+pub use read::{AuctionRecord, HistoryEntry, Listed, get, get_many, history, list_ids};
+pub use retention::{InvalidRetention, RETENTION_RANGE, Retention, forget_expired};
 
 /// A script writing one auction: the fence functions, the check under the single-auction
 /// convention (see `lock/fence.lua`), then `body`.
@@ -144,6 +149,7 @@ pub async fn open<C: ConnectionLike + Send>(
         .key(id.lock_key())
         .key(keyspace::OPEN_AUCTIONS)
         .key(keyspace::ALL_AUCTIONS)
+        .key(keyspace::CLOSED_AUCTIONS)
         .arg(lease.value())
         .arg(lease.token())
         .arg(id.as_str())

@@ -83,38 +83,77 @@ fn record(id: AuctionId, h: &HashMap<String, String>) -> Option<AuctionRecord> {
     })
 }
 
-/// Auction ids in opening order, `count` of them from position `offset`.
-pub async fn list_ids<C: ConnectionLike + Send>(
-    conn: &mut C,
-    offset: usize,
-    count: usize,
-) -> Result<Vec<String>, RedisError> {
-    redis::cmd("ZRANGE")
-        .arg(keyspace::ALL_AUCTIONS)
-        .arg(offset)
-        .arg(offset + count.max(1) - 1)
-        .query_async(conn)
-        .await
+/// A place in `auctions:all`, which Redis orders by opening time, then by id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listed {
+    /// Opening time (Redis ms), the entry's score.
+    pub opened_ms: u64,
+    /// The auction.
+    pub id: AuctionId,
 }
 
-/// Reads several auctions in one round trip; ids that are invalid or gone are skipped.
+/// Up to `count` auctions in opening order, from just after `after` (from the first when
+/// `None`). Paging by value rather than by position keeps pages right while the retention
+/// sweeper takes entries out of the index: a removal never shifts the next page.
+pub async fn list_ids<C: ConnectionLike + Send>(
+    conn: &mut C,
+    after: Option<&Listed>,
+    count: usize,
+) -> Result<Vec<Listed>, RedisError> {
+    let count = count.max(1);
+    let min = after.map_or_else(|| "-inf".to_owned(), |a| a.opened_ms.to_string());
+    // Auctions opened in the same millisecond as `after` come first; those up to `after`
+    // are skipped, a page at a time if there are that many.
+    let mut skip = 0usize;
+    let mut listed = Vec::with_capacity(count);
+    loop {
+        let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(keyspace::ALL_AUCTIONS)
+            .arg(&min)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(skip)
+            .arg(count)
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await?;
+        let n = page.len();
+        listed.extend(page.into_iter().filter_map(|(member, score)| {
+            let id = AuctionId::parse(&member).ok()?;
+            // Opening times are whole ms well inside f64's exact range.
+            let entry = Listed {
+                opened_ms: score as u64,
+                id,
+            };
+            after.is_none_or(|a| entry > *a).then_some(entry)
+        }));
+        if listed.len() >= count || n < count {
+            listed.truncate(count);
+            return Ok(listed);
+        }
+        skip += n;
+    }
+}
+
+/// Reads several auctions in one round trip; one answer per id, in order, `None` for an
+/// auction that is gone (its retention ran out).
 pub async fn get_many<C: ConnectionLike + Send>(
     conn: &mut C,
-    ids: &[String],
-) -> Result<Vec<AuctionRecord>, RedisError> {
-    let ids: Vec<AuctionId> = ids
-        .iter()
-        .filter_map(|i| AuctionId::parse(i).ok())
-        .collect();
+    ids: &[AuctionId],
+) -> Result<Vec<Option<AuctionRecord>>, RedisError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut pipe = redis::pipe();
-    for id in &ids {
+    for id in ids {
         pipe.cmd("HGETALL").arg(id.state_key());
     }
     let hashes: Vec<HashMap<String, String>> = pipe.query_async(conn).await?;
     Ok(ids
-        .into_iter()
+        .iter()
         .zip(hashes)
-        .filter_map(|(id, h)| record(id, &h))
+        .map(|(id, h)| record(id.clone(), &h))
         .collect())
 }
 

@@ -7,5 +7,12 @@ local token = next_token(KEYS[1], KEYS[3])
 if not redis.call('SET', KEYS[2], ARGV[1] .. '#' .. token, 'NX', 'PX', ARGV[2]) then
   return {'held', redis.call('PTTL', KEYS[2])}
 end
-redis.call('SET', KEYS[3], token)
+-- A closed auction's keys expire at the end of its retention (close.lua): the counter must
+-- not outlive them, so it gets the state hash's remaining time (a plain SET would clear it).
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('SET', KEYS[3], token, 'PX', ttl)
+else
+  redis.call('SET', KEYS[3], token)
+end
 return {'acquired', token}
