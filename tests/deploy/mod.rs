@@ -377,6 +377,13 @@ pub fn localize_conf(conf: &str, port: u16, dir: &Path, aclfile: &Path) -> Strin
 /// exactly `env` (plus PATH, unless `env` sets it), bounded by `limit` seconds as the kubelet
 /// bounds a hook; panics with its output on failure.
 pub fn run_script(script: &Path, env: &[(String, String)], limit: u64) -> String {
+    let (ok, text) = try_script(script, env, limit);
+    assert!(ok, "{} failed: {text}", script.display());
+    text
+}
+
+/// [`run_script`] for a script expected to fail: whether it succeeded, and its output.
+pub fn try_script(script: &Path, env: &[(String, String)], limit: u64) -> (bool, String) {
     let mut cmd = Command::new("timeout");
     cmd.arg(limit.to_string()).arg("sh").arg(script).env_clear();
     cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
@@ -389,8 +396,7 @@ pub fn run_script(script: &Path, env: &[(String, String)], limit: u64) -> String
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{} failed: {text}", script.display());
-    text
+    (out.status.success(), text)
 }
 
 /// Renders the data nodes' ACL file exactly as a pod does: runs the ConfigMap's

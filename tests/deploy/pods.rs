@@ -208,6 +208,18 @@ impl RedisPod {
         super::run_script(Path::new(&command[1]), &self.env, self.grace)
     }
 
+    /// Runs the main container's script (not its `exec`: it fails first) with some variables
+    /// changed; whether it succeeded, and its output.
+    pub fn try_start_script(&self, changed: &[(&str, &str)]) -> (bool, String) {
+        assert_eq!(
+            self.command[0], "sh",
+            "the main container runs a shell script"
+        );
+        let mut env = self.env.clone();
+        env.extend(changed.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        super::try_script(Path::new(&self.command[1]), &env, 10)
+    }
+
     /// The local directory of volume `name`.
     pub fn volume(&self, name: &str) -> PathBuf {
         self.root.join(name)

@@ -9,7 +9,9 @@
 //!   replica, writes resume, nothing acknowledged lost; a replica's preStop does nothing, and
 //!   the stopped master's next start follows the new master;
 //! - when Sentinel cannot fail over (no majority), a restarted master's hold ends in a refusal
-//!   while a replica answers, and in serving as master only once no other data node does.
+//!   while a replica answers, and in serving as master only once no other data node does;
+//! - bad input (an example password, a malformed address or number) stops the start script
+//!   with a sentence saying what to do.
 
 use std::time::Duration;
 
@@ -304,4 +306,38 @@ async fn without_a_failover_a_restarted_master_serves_only_when_no_other_node_an
     })
     .await
     .expect("test exceeded its time bound");
+}
+
+#[test]
+fn the_start_script_refuses_bad_input_with_a_sentence() {
+    let rendered = deploy::render("overlays/dev");
+    let base = tempfile::tempdir().expect("tempdir");
+    let mut net = deploy::Loopback::default();
+    for host in [
+        "redis-0.redis-headless",
+        "redis-1.redis-headless",
+        "redis-2.redis-headless",
+    ] {
+        net.map(host, 1);
+    }
+    for i in 0..3 {
+        net.map(&format!("redis-sentinel-{i}.redis-sentinel-headless"), 1);
+    }
+    let pod = pods::RedisPod::prepare(&rendered, &pods::DATA_NODE, 0, 1, &net, &[], base.path());
+    for (changed, says) in [
+        (
+            ("ADMIN_PASSWORD", "EXAMPLEadminNotASecret00000000007"),
+            "public example value",
+        ),
+        (("BIDDER_PASSWORD", "with-dash"), "letters and digits only"),
+        (("SENTINELS", "redis-sentinel-0"), "HOST:PORT"),
+        (("MASTER_HOLD_SECONDS", "soon"), "whole number"),
+    ] {
+        let (ok, out) = pod.try_start_script(&[changed]);
+        assert!(!ok, "{changed:?} accepted: {out}");
+        assert!(
+            out.contains(changed.0) && out.contains(says),
+            "{changed:?}: {out}"
+        );
+    }
 }

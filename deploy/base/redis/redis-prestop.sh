@@ -23,13 +23,12 @@ REDIS_PORT=${REDIS_PORT:-6379}
 CATCH_UP_SECONDS=${CATCH_UP_SECONDS:-5}
 SWITCH_SECONDS=${SWITCH_SECONDS:-30}
 . "$TEMPLATE_DIR/topology.sh"
-for var in ANNOUNCE_HOST SENTINELS; do
-  eval "value=\${$var:-}"
-  [ -n "$value" ] || { say "$var must be set (see the StatefulSet redis)"; exit 1; }
-done
+[ -n "${ANNOUNCE_HOST:-}" ] || { say "ANNOUNCE_HOST must be set (see the StatefulSet redis)"; exit 1; }
+require_addresses SENTINELS
+require_number REDIS_PORT
 require_passwords ADMIN_PASSWORD LOOKUP_PASSWORD SENTINEL_PASSWORD
-require_seconds CATCH_UP_SECONDS
-require_seconds SWITCH_SECONDS
+require_number CATCH_UP_SECONDS
+require_number SWITCH_SECONDS
 SELF="$ANNOUNCE_HOST $REDIS_PORT"
 
 here() {

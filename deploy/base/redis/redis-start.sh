@@ -30,13 +30,16 @@ MASTER_PORT=${MASTER_PORT:-6379}
 REDIS_PORT=${REDIS_PORT:-6379}
 MASTER_HOLD_SECONDS=${MASTER_HOLD_SECONDS:-45}
 . "$TEMPLATE_DIR/topology.sh"
-for var in POD_NAME ANNOUNCE_HOST INITIAL_MASTER_HOST SENTINELS REDIS_NODES; do
+for var in POD_NAME ANNOUNCE_HOST INITIAL_MASTER_HOST; do
   eval "value=\${$var:-}"
   [ -n "$value" ] || { say "$var must be set (see the StatefulSet redis)"; exit 1; }
 done
+require_addresses SENTINELS REDIS_NODES
 require_passwords SERVER_PASSWORD BIDDER_PASSWORD SENTINEL_PASSWORD REPLICA_PASSWORD \
   PROBE_PASSWORD ADMIN_PASSWORD LOOKUP_PASSWORD
-require_seconds MASTER_HOLD_SECONDS
+require_number MASTER_HOLD_SECONDS
+require_number REDIS_PORT
+require_number MASTER_PORT
 SELF="$ANNOUNCE_HOST $REDIS_PORT"
 
 # An ACL file takes no comments: they stay in the ConfigMap only.

@@ -25,14 +25,33 @@ require_passwords() {
   done
 }
 
-# require_seconds VAR: a whole number of seconds.
-require_seconds() {
+# require_number VAR: a whole number (seconds, a port).
+require_number() {
   eval "value=\${$1:-}"
   case "$value" in
     '' | *[!0-9]*)
-      say "$1 must be a whole number of seconds, not '$value'"
+      say "$1 must be a whole number, not '$value'"
       exit 1 ;;
   esac
+}
+
+# require_addresses VAR...: each a comma-separated list of HOST:PORT.
+require_addresses() {
+  for var in "$@"; do
+    eval "value=\${$var:-}"
+    for address in $(echo "$value" | tr ',' ' '); do
+      case "$address" in
+        *:*) port=${address##*:} ;;
+        *) port= ;;
+      esac
+      case "$port" in
+        '' | *[!0-9]*)
+          say "$var must be a comma-separated list of HOST:PORT, not '$value'"
+          exit 1 ;;
+      esac
+    done
+    [ -n "$value" ] || { say "$var must be set (HOST:PORT,...)"; exit 1; }
+  done
 }
 
 # cli USER PASSWORD HOST PORT ARGS...: one redis-cli call, bounded.

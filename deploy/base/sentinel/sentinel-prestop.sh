@@ -15,11 +15,14 @@ case "${ADMIN_PASSWORD:-}" in
     echo "$SCRIPT: ADMIN_PASSWORD must be set to letters and digits only (deploy/README.md \"Secrets\")" >&2
     exit 1 ;;
 esac
-case "$FAILOVER_WAIT_SECONDS" in
-  '' | *[!0-9]*)
-    echo "$SCRIPT: FAILOVER_WAIT_SECONDS must be a whole number of seconds, not '$FAILOVER_WAIT_SECONDS'" >&2
-    exit 1 ;;
-esac
+for var in FAILOVER_WAIT_SECONDS SENTINEL_PORT; do
+  eval "value=\${$var:-}"
+  case "$value" in
+    '' | *[!0-9]*)
+      echo "$SCRIPT: $var must be a whole number, not '$value'" >&2
+      exit 1 ;;
+  esac
+done
 
 # flags: this Sentinel's flags for MASTER_NAME (e.g. "master,failover_in_progress").
 flags() {
