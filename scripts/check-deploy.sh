@@ -14,6 +14,8 @@ ensure_deploy_tools
 tools="$PWD/target/tools/deploy/bin"
 kubectl=$(command -v kubectl || echo "$tools/kubectl")
 out="target/deploy-rendered"
+# The Secrets' values are generated at install, never committed: make them as an operator would.
+sh deploy/make-secrets.sh
 rm -rf "$out"
 mkdir -p "$out"
 

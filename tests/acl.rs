@@ -1,5 +1,5 @@
 //! The Redis ACL users of `deploy/` on real Redis: the data nodes load the ACL file exactly
-//! as a pod renders it (the ConfigMap's `redis-init.sh`, the Secret's example passwords).
+//! as a pod renders it (the ConfigMap's `redis-start.sh`, the Secret's generated passwords).
 //! A bidder can bid and listen and nothing else; the server touches only auction keys and
 //! its channels; and the real binaries, logged in as those users, run an auction to its
 //! winner and the server keeps it for its retention, then forgets it, without a single

@@ -9,16 +9,25 @@
 //!   processes (in-cluster host names mapped to loopback ports; only `port`, `bind` and
 //!   mount paths change), the ACL file is accepted, and the real server and bidder, with
 //!   exactly the manifests' environment, become ready and run an auction to its winner
-//!   without one command refused by an ACL.
+//!   without one command refused by an ACL, and without an oversized publish cutting the
+//!   server's subscription;
+//! - the rules the manifests must keep, read from the rendered objects (`rules`), and the
+//!   data nodes' role scripts on loopback: a restarted master holds back until Sentinel
+//!   promoted the replica with the acknowledged writes, and a master's preStop switches
+//!   over (`roles`).
 
 mod deploy;
+#[path = "manifests/roles.rs"]
+mod roles;
+#[path = "manifests/rules.rs"]
+mod rules;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use auction_testkit::eventually;
-use deploy::{Loopback, Rendered};
+use deploy::pods::Topology;
+use deploy::strings;
 use serde_json::Value;
 use support::*;
 
@@ -29,14 +38,6 @@ fn local_binary(image_path: &str) -> Option<&'static str> {
         "auction-client" => Some(CLIENT),
         _ => None,
     }
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s.as_str().expect("string").to_owned())
-        .collect()
 }
 
 fn first_pod_name(workload: &Value) -> String {
@@ -143,178 +144,6 @@ fn every_container_config_is_accepted_and_probes_match_the_listeners() {
     assert!(checked >= 6, "checked only {checked} containers of ours");
 }
 
-/// One pod of a StatefulSet run on loopback: each volume is a local directory.
-struct LocalPod {
-    name: String,
-    root: PathBuf,
-}
-
-impl LocalPod {
-    fn new(base: &Path, name: &str) -> LocalPod {
-        LocalPod {
-            name: name.to_owned(),
-            root: base.join(name),
-        }
-    }
-
-    fn volume(&self, name: &str) -> PathBuf {
-        let dir = self.root.join(name);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        dir
-    }
-
-    /// `container path -> local directory` for every mount of `container`.
-    fn mounts(&self, container: &Value) -> Vec<(String, PathBuf)> {
-        container["volumeMounts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                (
-                    m["mountPath"].as_str().expect("mountPath").to_owned(),
-                    self.volume(m["name"].as_str().expect("volume name")),
-                )
-            })
-            .collect()
-    }
-}
-
-/// Maps a container path to the local directory of the mount it is under.
-fn local_path(path: &str, mounts: &[(String, PathBuf)]) -> String {
-    for (mount, local) in mounts {
-        if path == mount {
-            return local.display().to_string();
-        }
-        if let Some(rest) = path.strip_prefix(&format!("{mount}/")) {
-            return local.join(rest).display().to_string();
-        }
-    }
-    path.to_owned()
-}
-
-/// Starts one data node or Sentinel pod from the manifests: writes the ConfigMap's files into
-/// the template volume (config made loopback: port, bind, paths), runs the init container's
-/// script with its environment (host names mapped to loopback), then the main container's
-/// command. `extra_env` carries what differs on one machine (every pod has its own port).
-/// Which StatefulSet, its ConfigMap, and the config file in it.
-struct RedisKind {
-    statefulset: &'static str,
-    config_map: &'static str,
-    conf_file: &'static str,
-}
-
-const DATA_NODE: RedisKind = RedisKind {
-    statefulset: "redis",
-    config_map: "redis-config",
-    conf_file: "redis.conf",
-};
-
-const SENTINEL: RedisKind = RedisKind {
-    statefulset: "redis-sentinel",
-    config_map: "sentinel-config",
-    conf_file: "sentinel.conf",
-};
-
-fn start_redis_pod(
-    rendered: &Rendered,
-    kind: &RedisKind,
-    ordinal: usize,
-    port: u16,
-    net: &Loopback,
-    extra_env: &[(&str, String)],
-    base: &Path,
-) -> Proc {
-    let RedisKind {
-        statefulset,
-        config_map,
-        conf_file,
-    } = kind;
-    let sts = rendered.get("StatefulSet", statefulset);
-    let spec = &sts["spec"]["template"]["spec"];
-    let pod = LocalPod::new(base, &format!("{statefulset}-{ordinal}"));
-    let init = &spec["initContainers"][0];
-    let main = &spec["containers"][0];
-    let main_mounts = pod.mounts(main);
-    let init_mounts = pod.mounts(init);
-
-    // The ConfigMap volume, as the init container sees it.
-    let template_volume = spec["volumes"]
-        .as_array()
-        .expect("volumes")
-        .iter()
-        .find(|v| {
-            v["configMap"]["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with(config_map))
-        })
-        .expect("a ConfigMap volume");
-    let template = pod.volume(template_volume["name"].as_str().expect("name"));
-    let data = rendered.get("ConfigMap", config_map)["data"]
-        .as_object()
-        .expect("data");
-    for (file, text) in data {
-        let text = text.as_str().expect("text");
-        let text = if file == *conf_file {
-            text.lines()
-                .map(|line| {
-                    let mut words = line.split_whitespace();
-                    match (words.next(), words.next()) {
-                        (Some("port"), _) => format!("port {port}"),
-                        (Some("bind"), _) => "bind 127.0.0.1".to_owned(),
-                        (Some(key @ ("dir" | "aclfile")), Some(path)) => {
-                            format!("{key} {}", local_path(path, &main_mounts))
-                        }
-                        _ => line.to_owned(),
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-                + "\n"
-        } else {
-            text.to_owned()
-        };
-        std::fs::write(template.join(file), text).expect("write");
-    }
-
-    let mut env: Vec<(String, String)> = rendered
-        .container_env(sts, init, &pod.name)
-        .into_iter()
-        .map(|(k, v)| {
-            let v = local_path(&net.rewrite(&v), &init_mounts);
-            (k, v)
-        })
-        .collect();
-    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let script = strings(&init["command"]);
-    assert_eq!(script[0], "sh", "init containers run a shell script");
-    let output = deploy::run_init_script(Path::new(&local_path(&script[1], &init_mounts)), &env);
-    eprintln!("{}: {output}", pod.name);
-
-    let command: Vec<String> = strings(&main["command"])
-        .iter()
-        .map(|a| local_path(a, &main_mounts))
-        .collect();
-    Proc::spawn(base, &pod.name, &command[0], &command[1..], &[])
-}
-
-/// `SENTINEL MASTER name` as a map.
-fn sentinel_master(
-    port: u16,
-    admin: &str,
-) -> Result<std::collections::HashMap<String, String>, String> {
-    let mut conn = deploy::try_connect_as(port, Some(("admin", admin)))
-        .map_err(|e| format!("connect to Sentinel on {port}: {e}"))?;
-    let flat: Vec<String> = redis::cmd("SENTINEL")
-        .arg("MASTER")
-        .arg("mymaster")
-        .query(&mut conn)
-        .map_err(|e| format!("SENTINEL MASTER on {port}: {e}"))?;
-    Ok(flat
-        .chunks(2)
-        .map(|kv| (kv[0].clone(), kv[1].clone()))
-        .collect())
-}
-
 fn listen_port(env: &[(String, String)], key: &str) -> u16 {
     env_value(env, key)
         .and_then(|v| v.rsplit_once(':'))
@@ -331,117 +160,14 @@ async fn configmaps_start_the_topology_and_the_binaries_run_with_the_manifests_e
 
 async fn run_from_manifests(dir: &str) {
     let rendered = deploy::render(dir);
-    let admin = rendered.secret("redis-users", "ADMIN_PASSWORD");
     let token = rendered.secret("auction-admin", "ADMIN_TOKEN");
-    let base = tempfile::Builder::new()
-        .prefix("auction-manifests-")
-        .tempdir()
-        .expect("tempdir");
-
-    // In-cluster names -> loopback ports. The names are the ones the manifests use: a name
-    // the test does not know makes `Loopback::port` fail loudly.
-    let replicas = |kind: &str, name: &str| {
-        rendered.get(kind, name)["spec"]["replicas"]
-            .as_u64()
-            .expect("replicas") as usize
-    };
-    let (nodes, sentinels) = (
-        replicas("StatefulSet", "redis"),
-        replicas("StatefulSet", "redis-sentinel"),
-    );
-    let mut net = Loopback::default();
-    let node_ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
-    let sentinel_ports: Vec<u16> = (0..sentinels).map(|_| free_port()).collect();
-    for (i, p) in node_ports.iter().enumerate() {
-        net.map(&format!("redis-{i}.redis-headless"), *p);
-    }
-    for (i, p) in sentinel_ports.iter().enumerate() {
-        net.map(&format!("redis-sentinel-{i}.redis-sentinel-headless"), *p);
-    }
+    let mut topology = Topology::start(&rendered).await;
+    let admin = topology.admin.clone();
     let grpc = free_port();
     let health = free_port();
-    net.map("auction-server", grpc);
-    let initial_master = node_ports[0];
-
-    // Data nodes, in StatefulSet order; the first is the initial master.
-    let mut processes = Vec::new();
-    for (i, port) in node_ports.iter().enumerate() {
-        processes.push(start_redis_pod(
-            &rendered,
-            &DATA_NODE,
-            i,
-            *port,
-            &net,
-            &[
-                ("REDIS_PORT", port.to_string()),
-                ("MASTER_PORT", initial_master.to_string()),
-            ],
-            base.path(),
-        ));
-    }
-    eventually(
-        "the master to see its replicas online",
-        Duration::from_secs(30),
-        || async {
-            let mut conn = deploy::try_connect_as(initial_master, Some(("admin", &admin)))
-                .map_err(|e| format!("connect to the master on {initial_master}: {e}"))?;
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query(&mut conn)
-                .map_err(|e| format!("INFO replication: {e}"))?;
-            let online = info
-                .lines()
-                .filter(|l| l.starts_with("slave") && l.contains("state=online"))
-                .count();
-            let role = auction_testkit::info_field(&info, "role");
-            if role == Some("master") && online == nodes - 1 {
-                Ok(())
-            } else {
-                Err(format!(
-                    "role {role:?}, {online} of {} replicas online",
-                    nodes - 1
-                ))
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
-
-    for (i, port) in sentinel_ports.iter().enumerate() {
-        processes.push(start_redis_pod(
-            &rendered,
-            &SENTINEL,
-            i,
-            *port,
-            &net,
-            &[("MASTER_PORT", initial_master.to_string())],
-            base.path(),
-        ));
-    }
-    for port in &sentinel_ports {
-        eventually(
-            &format!("the Sentinel on {port} to know the master, its replicas and its peers"),
-            Duration::from_secs(30),
-            || async {
-                let m = sentinel_master(*port, &admin)?;
-                let ok = m.get("port") == Some(&initial_master.to_string())
-                    && m.get("num-slaves") == Some(&(nodes - 1).to_string())
-                    && m.get("num-other-sentinels") == Some(&(sentinels - 1).to_string());
-                if ok {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "port {:?}, num-slaves {:?}, num-other-sentinels {:?}",
-                        m.get("port"),
-                        m.get("num-slaves"),
-                        m.get("num-other-sentinels")
-                    ))
-                }
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    }
+    topology.net.map("auction-server", grpc);
+    let net = topology.net.clone();
+    let base = topology.base.path().to_owned();
 
     // The server and one bidder with exactly the manifests' environment; only addresses move
     // to loopback (listeners on 127.0.0.1 instead of 0.0.0.0). Each must pass the probes
@@ -470,7 +196,7 @@ async fn run_from_manifests(dir: &str) {
         let env_refs: Vec<(&str, String)> =
             env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let process = Proc::spawn(
-            base.path(),
+            &base,
             &pod,
             local_binary(&command[0]).expect("our binary"),
             &command[1..],
@@ -484,9 +210,15 @@ async fn run_from_manifests(dir: &str) {
             probe("livenessProbe"),
         )
     };
-    let (_server, _, readiness, liveness) =
+    let (_server, _, readiness_of_server, liveness) =
         spawn_pod("Deployment", "auction-server", "GRPC_ADDR", grpc);
-    wait_health(grpc, &readiness, "SERVING", Duration::from_secs(30)).await;
+    wait_health(
+        grpc,
+        &readiness_of_server,
+        "SERVING",
+        Duration::from_secs(30),
+    )
+    .await;
     wait_health(grpc, &liveness, "SERVING", Duration::from_secs(5)).await;
     let (_client, env, readiness, liveness) =
         spawn_pod("StatefulSet", "auction-client", "HEALTH_ADDR", health);
@@ -529,14 +261,63 @@ async fn run_from_manifests(dir: &str) {
     .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(auction["winner"]["bidder"], "auction-client-0", "{auction}");
 
-    // Not one command refused anywhere: data nodes (server, bidder, Sentinels, replication)
-    // and Sentinels (server, bidder, peers, init scripts).
-    for port in node_ports.iter().chain(&sentinel_ports) {
-        let denials = deploy::acl_denials(*port, &admin);
-        assert!(
-            denials.is_empty(),
-            "ACL refusals on port {port}: {denials:#?}"
-        );
+    // The wire limits: a bidder's publish over proto-max-bulk-len is refused by Redis, and
+    // publishes just under it fit the Pub/Sub output limit of the server's subscription
+    // (the server drops them as oversized), which is never cut: same connections after.
+    let master = topology.node_ports[0];
+    let subscribed = server_subscriptions(master, &admin);
+    assert!(!subscribed.is_empty(), "the server subscribes on {master}");
+    let bidder = (
+        "auction-bidder",
+        rendered.secret("redis-users", "BIDDER_PASSWORD"),
+    );
+    let publish = |message: &str| {
+        let mut conn = deploy::connect_as(master, Some((bidder.0, bidder.1.as_str())));
+        redis::cmd("PUBLISH")
+            .arg("comando-leilao")
+            .arg(message)
+            .query::<i64>(&mut conn)
+    };
+    let refused = publish(&"x".repeat(1024 * 1024 + 1));
+    assert!(refused.is_err(), "a publish over 1 MiB: {refused:?}");
+    let largest = "x".repeat(1024 * 1024 - 64);
+    for _ in 0..8 {
+        let receivers = publish(&largest).expect("a publish under 1 MiB");
+        assert!(receivers >= 1, "the server hears the command channel");
     }
-    drop(processes);
+    assert_eq!(
+        server_subscriptions(master, &admin),
+        subscribed,
+        "the server's subscriptions survive oversized publishes"
+    );
+    wait_health(
+        grpc,
+        &readiness_of_server,
+        "SERVING",
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // Not one command refused anywhere: data nodes (server, bidder, Sentinels, replication)
+    // and Sentinels (server, bidder, peers, start scripts).
+    topology.assert_no_acl_refusals();
+}
+
+/// Ids of the server's Pub/Sub connections on the data node on `port`.
+fn server_subscriptions(port: u16, admin: &str) -> Vec<String> {
+    let mut conn = deploy::connect_as(port, Some(("admin", admin)));
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .expect("CLIENT LIST");
+    let mut ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == "user=auction-server"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    ids
 }

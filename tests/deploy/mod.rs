@@ -2,11 +2,17 @@
 //! `kubectl kustomize`), and the pieces the deployment tests run from them on loopback:
 //! resolved container environments, the Redis and Sentinel start scripts, ACL users.
 //! Shared by `tests/acl.rs` and `tests/manifests.rs`.
+//!
+//! The Secrets' values are generated at install (`deploy/make-secrets.sh`, into files git
+//! ignores): [`render`] runs that script first, as an operator would.
 #![allow(dead_code)]
+
+pub mod pods;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Once;
 use std::time::Duration;
 
 use redis::IntoConnectionInfo;
@@ -63,6 +69,15 @@ fn run(cmd: &mut Command, input: Option<&[u8]>, what: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The strings of a JSON array (a container's `command`, ...); none if it is not one.
+pub fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s.as_str().expect("string").to_owned())
+        .collect()
+}
+
 /// Every object of one kustomization (`base`, `overlays/dev`, ...), rendered.
 pub struct Rendered {
     /// Which kustomization.
@@ -71,9 +86,23 @@ pub struct Rendered {
     pub objects: Vec<Value>,
 }
 
+/// Generates the Secrets' values unless they exist (`sh deploy/make-secrets.sh`, which keeps
+/// existing files and is safe to run from several test processes at once).
+pub fn ensure_secrets() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        run(
+            Command::new("sh").arg(format!("{DEPLOY}/make-secrets.sh")),
+            None,
+            "sh deploy/make-secrets.sh",
+        );
+    });
+}
+
 /// Renders `deploy/DIR` with `kubectl kustomize` and turns the YAML into JSON with an offline
 /// `kubectl label --local` (which only adds a label nobody reads).
 pub fn render(dir: &str) -> Rendered {
+    ensure_secrets();
     let kubectl = kubectl();
     let path = format!("{DEPLOY}/{dir}");
     let yaml = run(
@@ -344,11 +373,19 @@ pub fn localize_conf(conf: &str, port: u16, dir: &Path, aclfile: &Path) -> Strin
         + "\n"
 }
 
-/// Runs a start script from a ConfigMap (`redis-init.sh`, `sentinel-init.sh`) with `sh` and
-/// exactly `env` (plus PATH), bounded; panics with its output on failure.
-pub fn run_init_script(script: &Path, env: &[(String, String)]) -> String {
+/// Runs a script from a ConfigMap (`sentinel-init.sh`, a preStop hook, ...) with `sh` and
+/// exactly `env` (plus PATH, unless `env` sets it), bounded by `limit` seconds as the kubelet
+/// bounds a hook; panics with its output on failure.
+pub fn run_script(script: &Path, env: &[(String, String)], limit: u64) -> String {
+    let (ok, text) = try_script(script, env, limit);
+    assert!(ok, "{} failed: {text}", script.display());
+    text
+}
+
+/// [`run_script`] for a script expected to fail: whether it succeeded, and its output.
+pub fn try_script(script: &Path, env: &[(String, String)], limit: u64) -> (bool, String) {
     let mut cmd = Command::new("timeout");
-    cmd.arg("60").arg("sh").arg(script).env_clear();
+    cmd.arg(limit.to_string()).arg("sh").arg(script).env_clear();
     cmd.env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
@@ -359,37 +396,50 @@ pub fn run_init_script(script: &Path, env: &[(String, String)]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{} failed: {text}", script.display());
-    text
+    (out.status.success(), text)
 }
 
 /// Renders the data nodes' ACL file exactly as a pod does: runs the ConfigMap's
-/// `redis-init.sh` (with no Sentinel reachable) and returns the rendered `users.acl`.
+/// `redis-start.sh` with the redis container's environment (no Sentinel or other data node
+/// reachable, and a `redis-server` that only exits) and returns the rendered `users.acl`.
 pub fn render_acl_file(rendered: &Rendered, dir: &Path) -> PathBuf {
     let template = dir.join("acl-template");
     let conf = dir.join("acl-conf");
     std::fs::create_dir_all(&template).expect("mkdir");
     std::fs::create_dir_all(&conf).expect("mkdir");
-    for file in ["redis.conf", "users.acl", "redis-init.sh"] {
-        std::fs::write(
-            template.join(file),
-            rendered.config_map("redis-config", file),
-        )
-        .expect("write");
+    let files = rendered.get("ConfigMap", "redis-config")["data"]
+        .as_object()
+        .expect("data");
+    for (file, text) in files {
+        std::fs::write(template.join(file), text.as_str().expect("text")).expect("write");
     }
+    // The script ends with `exec redis-server`: here one that only exits.
+    let stub = dir.join("acl-bin");
+    std::fs::create_dir_all(&stub).expect("mkdir");
+    std::fs::write(stub.join("redis-server"), "#!/bin/sh\nexit 0\n").expect("write");
+    let chmod = Command::new("chmod")
+        .arg("755")
+        .arg(stub.join("redis-server"))
+        .status();
+    assert!(
+        chmod.is_ok_and(|s| s.success()),
+        "chmod the redis-server stub"
+    );
     let sts = rendered.get("StatefulSet", "redis");
-    let init = &sts["spec"]["template"]["spec"]["initContainers"][0];
-    let mut env = rendered.container_env(sts, init, "redis-0");
+    let main = &sts["spec"]["template"]["spec"]["containers"][0];
+    let mut env = rendered.container_env(sts, main, "redis-0");
     for (k, v) in env.iter_mut() {
         match k.as_str() {
             "TEMPLATE_DIR" => *v = template.display().to_string(),
             "CONF_DIR" => *v = conf.display().to_string(),
             // Nobody listens on port 1: the script falls back to the initial layout at once.
-            "SENTINELS" => *v = "127.0.0.1:1".to_owned(),
+            "SENTINELS" | "REDIS_NODES" => *v = "127.0.0.1:1".to_owned(),
             _ => {}
         }
     }
-    run_init_script(&template.join("redis-init.sh"), &env);
+    let path = std::env::var("PATH").unwrap_or_default();
+    env.push(("PATH".to_owned(), format!("{}:{path}", stub.display())));
+    run_script(&template.join("redis-start.sh"), &env, 60);
     conf.join("users.acl")
 }
 

@@ -6,6 +6,16 @@ use std::time::Duration;
 
 use anyhow::bail;
 
+/// Redis's input and Pub/Sub output limits, sized for the wire: the same lines as
+/// `deploy/base/redis/redis.conf` (`tests/manifests.rs` checks that they agree; the README of
+/// `deploy/` explains the sizes). Every data node gets them before
+/// [`DevStackConfig::extra_redis_conf`], whose lines therefore win.
+pub const WIRE_LIMITS: [&str; 3] = [
+    "proto-max-bulk-len 1mb",
+    "client-query-buffer-limit 16mb",
+    "client-output-buffer-limit pubsub 64mb 16mb 60",
+];
+
 /// Shape and tuning of the topology started by [`DevStack::start`].
 #[derive(Clone, Debug)]
 pub struct DevStackConfig {
@@ -29,7 +39,7 @@ pub struct DevStackConfig {
     /// Whether data nodes use the append-only file (default true).
     pub appendonly: bool,
     /// Extra lines appended verbatim to every data node's config (e.g. ACL
-    /// `user` lines). If these lock out the `default` user, set
+    /// `user` lines), after [`WIRE_LIMITS`]. If these lock out the `default` user, set
     /// [`DevStackConfig::probe_credentials`] so readiness probes can still log in.
     pub extra_redis_conf: Vec<String>,
     /// Extra lines appended verbatim to every Sentinel's config, e.g.

@@ -22,7 +22,7 @@ pub mod process;
 pub mod recorder;
 pub mod stack;
 
-pub use config::DevStackConfig;
+pub use config::{DevStackConfig, WIRE_LIMITS};
 pub use eventually::{eventually, eventually_every};
 pub use port::free_port;
 pub use probe::info_field;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use tokio::time::Instant;
 
-use crate::config::DevStackConfig;
+use crate::config::{DevStackConfig, WIRE_LIMITS};
 use crate::eventually::POLL_INTERVAL;
 use crate::logfile::{file_len, read_from, tail};
 use crate::port::free_port;
@@ -354,6 +354,7 @@ pub(crate) fn new_data_node(
     if let Some(master_port) = master_port {
         body.push(format!("replicaof {LOOPBACK} {master_port}"));
     }
+    body.extend(WIRE_LIMITS.iter().map(|line| (*line).to_owned()));
     body.extend(config.extra_redis_conf.iter().cloned());
     node.body = body;
     node.creds = config.probe_credentials.clone();
