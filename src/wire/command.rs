@@ -88,12 +88,72 @@ pub(super) fn decode_object(payload: &[u8]) -> Result<Map<String, Value>, Box<Ma
     }
     let value: Value = serde_json::from_slice(payload)
         .map_err(|e| bare(WireError::NotJson(truncate(&e.to_string(), 120))))?;
-    let Value::Object(obj) = value else {
+    if !value.is_object() {
         return Err(bare(WireError::NotJson(
             "top level is not an object".into(),
         )));
-    };
-    Ok(obj)
+    }
+    // Parsed a second time only when it is an object: serde_json keeps the last of two
+    // equal keys silently, and `{"amount":1,"amount":900000}` must not be judged as either.
+    let strict = serde_json::from_slice::<StrictObject>(payload)
+        .map_err(|e| bare(WireError::NotJson(truncate(&e.to_string(), 120))))?;
+    match strict.duplicate {
+        None => Ok(strict.fields),
+        Some(key) => {
+            // Still answer the bid when its identity is not the repeated key.
+            let mut fields = strict.fields;
+            fields.remove(&key);
+            let salvage = |k: &str, parse: fn(&Value) -> Result<String, WireError>| {
+                fields.get(k).and_then(|v| parse(v).ok())
+            };
+            Err(Box::new(Malformed {
+                error: WireError::NotJson(format!("duplicate key {:?}", truncate(&key, 40))),
+                bid_id: salvage("bid_id", parse_bid_id),
+                bidder: salvage("bidder", parse_bidder),
+                auction_id: fields
+                    .get("auction_id")
+                    .and_then(|v| parse_auction_id(v).ok()),
+            }))
+        }
+    }
+}
+
+/// A JSON object's fields (the first of each key) and the first key given twice, if any.
+struct StrictObject {
+    fields: Map<String, Value>,
+    duplicate: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for StrictObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = StrictObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut fields: A,
+            ) -> Result<StrictObject, A::Error> {
+                let mut obj = Map::new();
+                let mut duplicate = None;
+                while let Some(key) = fields.next_key::<String>()? {
+                    let value: Value = fields.next_value()?;
+                    if obj.contains_key(&key) {
+                        duplicate.get_or_insert(key);
+                    } else {
+                        obj.insert(key, value);
+                    }
+                }
+                Ok(StrictObject {
+                    fields: obj,
+                    duplicate,
+                })
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 /// The v1 bid in `obj`.
@@ -232,6 +292,29 @@ mod tests {
                 "{max}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_key_given_twice_is_malformed_and_named() {
+        let raw = r#"{"v":1,"type":"bid","auction_id":"a1","bid_id":"b-1","bidder":"al","amount":1,"amount":900000}"#;
+        let err = decode(raw).expect_err("duplicate key");
+        assert_eq!(err.error.reason(), "malformed");
+        assert!(
+            err.error.to_string().contains("duplicate key \"amount\""),
+            "{}",
+            err.error
+        );
+        assert_eq!(
+            err.bid_id.as_deref(),
+            Some("b-1"),
+            "the bid is still answered"
+        );
+        let raw = r#"{"v":1,"type":"bid","auction_id":"a1","bid_id":"b-1","bid_id":"b-2","bidder":"al","amount":1}"#;
+        let err = decode(raw).expect_err("duplicate bid_id");
+        assert!(
+            err.bid_id.is_none(),
+            "a repeated bid_id names no bid to answer"
+        );
     }
 
     #[test]
