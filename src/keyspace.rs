@@ -15,6 +15,13 @@ pub const ALL_AUCTIONS: &str = "auctions:all";
 /// Sorted set of closed auctions scored by the time (Redis ms) their keys expire: the
 /// retention sweeper's work list (it takes expired ones out of every index).
 pub const CLOSED_AUCTIONS: &str = "auctions:closed";
+/// Hash bidder name → its key (bid authentication). Bidders' ACL user cannot read it.
+pub const BIDDER_KEYS: &str = "bidders:keys";
+/// Hash bidder name → registration time (Redis ms), for `ListBidders`.
+pub const BIDDERS_REGISTERED: &str = "bidders:registered";
+/// Counter bumped by every registration and revocation: servers poll it to refresh their
+/// cache of keys.
+pub const BIDDERS_VERSION: &str = "bidders:version";
 
 /// Longest accepted auction id, in bytes.
 pub const MAX_AUCTION_ID_LEN: usize = 64;

@@ -59,6 +59,7 @@ async fn recording_bidder(
             amount,
             max_amount: None,
             traceparent: None,
+            sig: None,
         };
         let mut to_send = vec![bid.clone()];
         {

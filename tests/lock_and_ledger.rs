@@ -53,6 +53,7 @@ fn bid(id: &AuctionId, bid_id: &str, bidder: &str, amount: u64) -> Bid {
         amount,
         max_amount: None,
         traceparent: None,
+        sig: None,
     }
 }
 

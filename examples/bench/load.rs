@@ -257,6 +257,7 @@ pub(crate) async fn bidder(load: BidderLoad, mut conn: RespConn) {
                 amount,
                 max_amount: None,
                 traceparent: None,
+                sig: None,
             };
             conn.publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())
                 .await?;

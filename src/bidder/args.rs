@@ -40,6 +40,20 @@ pub struct BidderArgs {
     /// bid again only when outbid and the price is still within it. Overrides MAX_BID.
     #[arg(long, env = "PROXY_MAX", value_name = "AMOUNT")]
     pub proxy_max: Option<u64>,
+    /// This bidder's key (from `RegisterBidder`): every bid is signed with it, as servers
+    /// running `BID_AUTH=required` demand. Prefer BIDDER_KEY_FILE, which keeps it out of
+    /// the process environment.
+    #[arg(
+        long,
+        env = "BIDDER_KEY",
+        hide_env_values = true,
+        conflicts_with = "bidder_key_file"
+    )]
+    pub bidder_key: Option<String>,
+    /// A file holding this bidder's key (e.g. a mounted Secret); surrounding whitespace and
+    /// a trailing newline are ignored.
+    #[arg(long, env = "BIDDER_KEY_FILE", value_name = "PATH")]
+    pub bidder_key_file: Option<std::path::PathBuf>,
     /// Re-publish an unanswered bid (same bid_id) after this long.
     #[arg(long, env = "BID_RETRY_AFTER", default_value = DEFAULT_RETRY_AFTER, value_parser = parse_duration)]
     pub retry_after: Duration,
@@ -88,11 +102,37 @@ impl BidderArgs {
         {
             anyhow::bail!("PROXY_MAX must be between 1 and {}", wire::MAX_AMOUNT);
         }
+        self.key()?;
         if let Some(id) = &self.auction_id {
             AuctionId::parse(id)?;
         }
         self.server_endpoint()?;
         Ok(())
+    }
+
+    /// The signing key, if one is configured: read (from the file) and checked.
+    pub fn key(&self) -> anyhow::Result<Option<String>> {
+        let key = match (&self.bidder_key, &self.bidder_key_file) {
+            (Some(k), _) => k.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot read BIDDER_KEY_FILE {}: {e}", path.display())
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        if key.is_empty() {
+            anyhow::bail!(
+                "the bidder key is empty: set BIDDER_KEY or BIDDER_KEY_FILE to the key RegisterBidder returned"
+            );
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!(
+                "the bidder key must be printable ASCII without spaces (the key RegisterBidder returned)"
+            );
+        }
+        Ok(Some(key))
     }
 
     /// The most this bidder pays: `PROXY_MAX` when bidding by proxy, else `MAX_BID`.

@@ -19,6 +19,7 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::auction_admin_client::AuctionAdminClient;
 use crate::runtime::backoff::{Backoff, jitter};
 use crate::runtime::metrics::Metrics;
+use crate::store::bidders;
 use crate::wire::{Bid, Event};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +48,8 @@ pub(crate) struct Bidder<'a> {
     pub(crate) was_subscribed: bool,
     pub(crate) discovery: Discovery,
     pub(crate) metrics: Arc<Metrics>,
+    /// The key bids are signed with (`BIDDER_KEY`), if any.
+    pub(crate) key: Option<String>,
 }
 
 impl Bidder<'_> {
@@ -206,6 +209,11 @@ impl Bidder<'_> {
             amount,
             max_amount: args.proxy_max,
             traceparent: crate::runtime::propagation::traceparent(&span),
+            sig: None,
+        };
+        let bid = Bid {
+            sig: self.key.as_deref().map(|key| bidders::sign(&bid, key)),
+            ..bid
         };
         info!(parent: &span, auction = %t.id, bid_id = %bid.bid_id, amount, "bidding");
         self.summary.sent += 1;

@@ -98,6 +98,7 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         was_subscribed: false,
         discovery: Discovery::default(),
         metrics,
+        key: args.key()?,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tokio::pin!(shutdown);

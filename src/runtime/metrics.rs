@@ -33,6 +33,8 @@ pub struct Metrics {
     pub bids_rejected: Family<ReasonLabels, Counter>,
     /// Retries answered with their first outcome.
     pub bids_duplicate: Counter,
+    /// Bids refused `unauthenticated` (`BID_AUTH=required`).
+    pub bids_unauthenticated: Counter,
     /// Bids left to the server that holds the auction's lease (dropped from the shadow).
     pub bids_left_to_owner: Counter,
     /// Bids whose outcome is stored but could not be announced yet (bidders retry).
@@ -89,6 +91,7 @@ impl Metrics {
             bids_accepted: Counter::default(),
             bids_rejected: Family::default(),
             bids_duplicate: Counter::default(),
+            bids_unauthenticated: Counter::default(),
             bids_left_to_owner: Counter::default(),
             bids_deferred: Counter::default(),
             leases_acquired: Counter::default(),
@@ -129,6 +132,11 @@ impl Metrics {
             "bids_duplicate",
             "Retried bids answered with their first outcome",
             m.bids_duplicate.clone(),
+        );
+        r.register(
+            "bids_unauthenticated",
+            "Bids refused because their signature is missing or wrong or their bidder unknown",
+            m.bids_unauthenticated.clone(),
         );
         r.register(
             "bids_left_to_owner",
@@ -247,6 +255,7 @@ impl Metrics {
             ("messages_received", self.messages_received.get()),
             ("bids_accepted", self.bids_accepted.get()),
             ("bids_duplicate", self.bids_duplicate.get()),
+            ("bids_unauthenticated", self.bids_unauthenticated.get()),
             ("bids_left_to_owner", self.bids_left_to_owner.get()),
             ("bids_deferred", self.bids_deferred.get()),
             ("leases_acquired", self.leases_acquired.get()),

@@ -26,6 +26,17 @@ pub const DEFAULT_STARTING_PRICE: u64 = 100;
 /// Default minimum increment of `--open-on-start` auctions, minor units.
 pub const DEFAULT_MIN_INCREMENT: u64 = 10;
 
+/// Whether bids must be signed (`BID_AUTH`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BidAuth {
+    /// Any bid counts in the name it gives (local use, trusted networks).
+    #[default]
+    Off,
+    /// Only bids signed with their bidder's registered key count; others are refused
+    /// `unauthenticated`.
+    Required,
+}
+
 /// What `OpenAuction` gives the fields a request leaves unset (the server's flags).
 #[derive(Clone, Debug)]
 pub struct AuctionDefaults {
@@ -54,6 +65,10 @@ pub struct ServerArgs {
     /// deadline moves the deadline to its time plus this (0 = off).
     #[arg(long, env = "SOFT_CLOSE", default_value = "0s", value_parser = parse_duration_or_off)]
     pub soft_close: Duration,
+    /// Whether bids must be signed by their bidder's registered key (`RegisterBidder`):
+    /// `off` (local use) or `required`.
+    #[arg(long, env = "BID_AUTH", value_enum, default_value_t = BidAuth::Off)]
+    pub bid_auth: BidAuth,
     /// Also speak the Node.js prototype's wire dialect (`{"tipo":"lance",...}` bids in,
     /// `inicio`/`lance`/`fim` events out) beside v1: see README, "Migrating from the prototype".
     #[arg(long, env = "SEED_DIALECT")]

@@ -12,6 +12,7 @@ use tracing::{Span, debug};
 use crate::link::sentinel::Master;
 use crate::runtime::metrics::{Metrics, inc};
 use crate::server::announcer::{Announcement, Announcer, NotAnnounced};
+use crate::server::bidder_keys::BidderKeys;
 use crate::server::close_batch::CloseBatcher;
 use crate::server::lease_keeper::LeaseKeeper;
 use crate::server::work::OpError;
@@ -67,6 +68,9 @@ pub struct Context {
     pub settings: WorkerSettings,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// With `BID_AUTH=required`: the registered keys every bid must be signed with. The
+    /// worker checks them, so exactly one server (the lease holder) answers each bid.
+    pub auth: Option<BidderKeys>,
 }
 
 impl Context {

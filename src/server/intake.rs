@@ -21,12 +21,19 @@ use crate::server::announcer::EventChannel;
 use crate::server::router::Router;
 use crate::wire::{self, CloseRequest, Event};
 
+/// What intake accepts.
+pub struct Rules {
+    /// Where other servers forward closes (`CONTROL_CHANNEL`).
+    pub control_channel: String,
+    /// Whether the prototype's dialect is accepted too (`SEED_DIALECT`).
+    pub seed_dialect: bool,
+}
+
 /// Reads `messages` until `shutdown` resolves or the subscription ends: bids to the
-/// router, forwarded closes from `control_channel` to the router, refusals to `refusals`.
+/// router, forwarded closes from the control channel to the router, refusals to `refusals`.
 pub async fn run(
     messages: &mut mpsc::Receiver<Message>,
-    control_channel: &str,
-    seed_dialect: bool,
+    rules: &Rules,
     router: &Router,
     metrics: &Metrics,
     refusals: &mpsc::Sender<Event>,
@@ -38,10 +45,10 @@ pub async fn run(
             _ = &mut shutdown => break,
             msg = messages.recv() => {
                 let Some(msg) = msg else { break };
-                if msg.channel == control_channel {
+                if msg.channel == rules.control_channel {
                     forwarded_close(&msg.payload, router).await;
                 } else {
-                    command(&msg.payload, seed_dialect, router, metrics, refusals).await;
+                    command(&msg.payload, rules, router, metrics, refusals).await;
                 }
             }
         }
@@ -60,13 +67,13 @@ async fn forwarded_close(payload: &[u8], router: &Router) {
 
 async fn command(
     payload: &[u8],
-    seed_dialect: bool,
+    rules: &Rules,
     router: &Router,
     metrics: &Metrics,
     reject_tx: &mpsc::Sender<Event>,
 ) {
     inc(&metrics.messages_received);
-    match wire::decode_any(payload, seed_dialect) {
+    match wire::decode_any(payload, rules.seed_dialect) {
         Ok(bid) => router.bid(bid).await,
         Err(bad) => {
             metrics.malformed(bad.error.reason());

@@ -25,6 +25,7 @@ use std::future::Future;
 pub mod admin;
 pub mod announcer;
 pub mod args;
+pub mod bidder_keys;
 pub mod close_batch;
 pub mod closer;
 pub mod context;
@@ -47,10 +48,13 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()>) -> anyhow
     // Bind first: a taken port is a configuration error to report before touching Redis.
     let listener = crate::runtime::process::listen(args.grpc_addr, "GRPC_ADDR").await?;
     let mut server = wiring::Server::start(&args, listener).await?;
+    let rules = intake::Rules {
+        control_channel: args.control_channel.clone(),
+        seed_dialect: args.seed_dialect,
+    };
     intake::run(
         &mut server.messages,
-        &args.control_channel,
-        args.seed_dialect,
+        &rules,
         &server.router,
         &server.metrics,
         &server.refusals,

@@ -92,24 +92,26 @@ pub struct QueueTx {
 }
 
 impl QueueTx {
-    /// Queues `work` now or says why not.
-    pub fn try_send(&self, work: Work) -> Result<(), Refused> {
+    /// Queues `work` now or says why not (boxed: it hands the work back, and a bid is big).
+    pub fn try_send(&self, work: Work) -> Result<(), Box<Refused>> {
         let contended = self.tx.capacity() * 2 < self.tx.max_capacity();
         let work = match work {
             Work::Bid(bid) if !self.waiting.admit(&bid, self.share, contended) => {
-                return Err(Refused::TooManyPending(bid));
+                return Err(Box::new(Refused::TooManyPending(bid)));
             }
             work => work,
         };
-        self.tx.try_send(work).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(work) => {
-                self.waiting.count_out(&work);
-                Refused::Full(work)
-            }
-            mpsc::error::TrySendError::Closed(work) => {
-                self.waiting.count_out(&work);
-                Refused::Closed(work)
-            }
+        self.tx.try_send(work).map_err(|e| {
+            Box::new(match e {
+                mpsc::error::TrySendError::Full(work) => {
+                    self.waiting.count_out(&work);
+                    Refused::Full(work)
+                }
+                mpsc::error::TrySendError::Closed(work) => {
+                    self.waiting.count_out(&work);
+                    Refused::Closed(work)
+                }
+            })
         })
     }
 
@@ -169,6 +171,7 @@ mod tests {
             amount: n,
             max_amount: None,
             traceparent: None,
+            sig: None,
         })
     }
 
@@ -181,7 +184,7 @@ mod tests {
                 .expect("an uncontended queue admits a burst");
         }
         assert!(matches!(
-            tx.try_send(bid("flood", 6)),
+            tx.try_send(bid("flood", 6)).map_err(|r| *r),
             Err(Refused::TooManyPending(_))
         ));
         tx.try_send(bid("honest", 1)).expect("others still get in");
@@ -196,9 +199,15 @@ mod tests {
     async fn a_full_queue_sheds_and_a_closed_one_hands_work_back() {
         let (tx, mut rx) = queue(1, 10);
         tx.try_send(bid("a", 1)).expect("room");
-        assert!(matches!(tx.try_send(bid("b", 1)), Err(Refused::Full(_))));
+        assert!(matches!(
+            tx.try_send(bid("b", 1)).map_err(|r| *r),
+            Err(Refused::Full(_))
+        ));
         rx.close();
         assert!(rx.try_recv().is_some(), "queued work is still received");
-        assert!(matches!(tx.try_send(bid("b", 2)), Err(Refused::Closed(_))));
+        assert!(matches!(
+            tx.try_send(bid("b", 2)).map_err(|r| *r),
+            Err(Refused::Closed(_))
+        ));
     }
 }

@@ -303,7 +303,7 @@ impl State {
                 // once (answered `overloaded`, the bidder retries it later) so that latency
                 // and memory stay bounded; admin work waits for room. A bidder past its
                 // share of the queue is refused without taking anyone else's place.
-                match tx.try_send(work) {
+                match tx.try_send(work).map_err(|r| *r) {
                     Ok(()) => return,
                     Err(Refused::Full(Work::Bid(bid))) => {
                         self.refuse(bid, RejectReason::Overloaded, OVERLOADED);

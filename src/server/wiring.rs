@@ -18,7 +18,8 @@ use crate::runtime::metrics::Metrics;
 use crate::runtime::task::TaskGuard;
 use crate::server::admin::{AdminService, RouterGate};
 use crate::server::announcer::{Announcer, EventChannel};
-use crate::server::args::ServerArgs;
+use crate::server::args::{BidAuth, ServerArgs};
+use crate::server::bidder_keys::BidderKeys;
 use crate::server::close_batch::CloseBatcher;
 use crate::server::context::{Context, WorkerSettings};
 use crate::server::intake;
@@ -98,6 +99,8 @@ impl Server {
             TaskGuard::new("retention sweeper", tokio::spawn(sweeping)),
             TaskGuard::new("redis memory", tokio::spawn(memory)),
         ]);
+        let (bidder_keys, bidder_keys_task) = BidderKeys::start(master.clone());
+        rest.push(bidder_keys_task);
         let ctx = Arc::new(Context {
             master: master.clone(),
             announcer: announcer.clone(),
@@ -108,6 +111,7 @@ impl Server {
             event_channel: channel.clone(),
             settings: WorkerSettings::with_lease(args.lock_lease),
             metrics: metrics.clone(),
+            auth: (args.bid_auth == BidAuth::Required).then(|| bidder_keys.clone()),
         });
         info!(owner = %ctx.owner, sentinels = ?args.redis.sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(), "auction server starting");
         let (router, router_task) = Router::start(ctx, args.shutdown_grace);
@@ -136,6 +140,7 @@ impl Server {
             control_channel: args.control_channel.clone(),
             admin_token: args.admin_token.clone(),
             defaults: args.auction_defaults(),
+            bidder_keys: bidder_keys.clone(),
         };
         let (stop_grpc, grpc) = serve_grpc(listener, health_service, admin);
         info!(%grpc_addr, "gRPC listening (admin API, grpc.health.v1, reflection)");

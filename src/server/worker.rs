@@ -27,7 +27,7 @@ use crate::server::queue::QueueRx;
 use crate::server::work::{Exit, Failure, OpError, Work};
 use crate::store::ledger::{self, LedgerError};
 use crate::store::lock::{self, Acquire, Lease};
-use crate::wire::{Bid, Event};
+use crate::wire::{Bid, Event, RejectReason};
 
 enum Stop {
     /// Lease lost or never acquired; bids left in the queue belong to someone else now.
@@ -267,6 +267,11 @@ impl Worker<'_> {
     }
 
     async fn judge(&mut self, bids: &[Bid]) -> Result<(), Stop> {
+        let authentic = self.authentic(bids);
+        if authentic.is_empty() {
+            return Ok(());
+        }
+        let bids = &authentic[..];
         let started = Instant::now();
         let n = bids.len() as u64;
         let token = self.lease.as_ref().map(Lease::token).unwrap_or(0);
@@ -337,6 +342,35 @@ impl Worker<'_> {
             })
             .await;
         Ok(())
+    }
+
+    /// The bids that may be judged: all of them, or with `BID_AUTH=required` those signed
+    /// by their bidder's registered key. The others are answered `unauthenticated`, never
+    /// judged and nothing stored, so a retry of an already judged bid gets its first
+    /// outcome only when it is correctly signed.
+    fn authentic(&self, bids: &[Bid]) -> Vec<Bid> {
+        let Some(keys) = &self.ctx.auth else {
+            return bids.to_vec();
+        };
+        let mut authentic = Vec::with_capacity(bids.len());
+        for bid in bids {
+            match keys.verify(bid) {
+                Ok(()) => authentic.push(bid.clone()),
+                Err(why) => {
+                    let c = &self.ctx.metrics;
+                    inc(&c.bids_unauthenticated);
+                    c.rejected(RejectReason::Unauthenticated.as_str());
+                    debug!(bid_id = %bid.bid_id, bidder = %bid.bidder, why, "refused an unauthenticated bid");
+                    let event = Event::refusal(
+                        bid.clone(),
+                        RejectReason::Unauthenticated,
+                        Some(why.into()),
+                    );
+                    let _ = self.ctx.refusals.try_send(event);
+                }
+            }
+        }
+        authentic
     }
 
     async fn admin(&mut self, work: Work) -> Result<(), Stop> {

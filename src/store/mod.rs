@@ -4,8 +4,10 @@
 //!
 //! - [`lock`]: the per-auction lease (`SET NX PX`, value `OWNER#TOKEN`), renewed and
 //!   released by compare-and-set, and the fence every write checks.
+//! - [`bidders`]: bidder identities: registered keys, and the signature a bid carries.
 //! - [`ledger`]: an auction's state (open, judge bids in batches, close) changed only by
 //!   fenced scripts, with idempotent outcomes per `bid_id`.
 
+pub mod bidders;
 pub mod ledger;
 pub mod lock;

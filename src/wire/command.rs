@@ -26,6 +26,9 @@ pub struct Bid {
     pub max_amount: Option<u64>,
     /// W3C trace context of the bidder's span, when it has one.
     pub traceparent: Option<String>,
+    /// The bidder's signature (lowercase hex HMAC-SHA256 with its registered key, see
+    /// [`crate::store::bidders`]); required when the server runs with `BID_AUTH=required`.
+    pub sig: Option<String>,
 }
 
 impl std::fmt::Debug for Bid {
@@ -37,6 +40,7 @@ impl std::fmt::Debug for Bid {
             .field("amount", &self.amount)
             .field("max_amount", &self.max_amount.map(|_| "<secret>"))
             .field("traceparent", &self.traceparent)
+            .field("sig", &self.sig)
             .finish()
     }
 }
@@ -58,6 +62,9 @@ impl Bid {
             }
             if let Some(tp) = &self.traceparent {
                 obj.insert("traceparent".into(), Value::String(tp.clone()));
+            }
+            if let Some(sig) = &self.sig {
+                obj.insert("sig".into(), Value::String(sig.clone()));
             }
         }
         v.to_string()
@@ -222,6 +229,20 @@ fn from_v1(obj: Map<String, Value>) -> Result<Bid, Box<Malformed>> {
             }));
         }
     };
+    let sig = match obj.get("sig") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s))
+            if s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Some(s.clone())
+        }
+        Some(_) => {
+            return Err(fail(WireError::BadField {
+                field: "sig",
+                problem: "not 64 lowercase hex characters (HMAC-SHA256, see README)".into(),
+            }));
+        }
+    };
     Ok(Bid {
         auction_id,
         bid_id,
@@ -229,6 +250,7 @@ fn from_v1(obj: Map<String, Value>) -> Result<Bid, Box<Malformed>> {
         amount,
         max_amount,
         traceparent,
+        sig,
     })
 }
 

@@ -84,6 +84,7 @@ pub(super) fn bid_from(obj: &Map<String, Value>) -> Result<Bid, Box<Malformed>> 
         amount,
         max_amount: None,
         traceparent: None,
+        sig: None,
     })
 }
 

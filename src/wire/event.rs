@@ -30,6 +30,9 @@ pub enum RejectReason {
     /// Not judged: this bidder already has its share of bids waiting on this auction at the
     /// server (a flood from one name); nothing stored. Wait for the outcomes, then retry.
     TooManyPending,
+    /// Not judged: the server requires signed bids (`BID_AUTH=required`) and this one's
+    /// signature is missing or wrong, or its bidder is not registered; nothing stored.
+    Unauthenticated,
     /// Valid, but the leader's proxy bid (`max_amount`) covers it: the leader's price rose
     /// to just above it (announced as the leader's `bid_accepted` with `"proxy": true`).
     OutbidByProxy,
@@ -49,6 +52,7 @@ impl RejectReason {
             RejectReason::Overloaded => "overloaded",
             RejectReason::OutbidByProxy => "outbid_by_proxy",
             RejectReason::TooManyPending => "too_many_pending",
+            RejectReason::Unauthenticated => "unauthenticated",
         }
     }
 
@@ -65,6 +69,7 @@ impl RejectReason {
             "overloaded" => RejectReason::Overloaded,
             "outbid_by_proxy" => RejectReason::OutbidByProxy,
             "too_many_pending" => RejectReason::TooManyPending,
+            "unauthenticated" => RejectReason::Unauthenticated,
             _ => return None,
         })
     }

@@ -24,17 +24,19 @@ use crate::link::sentinel::Master;
 use crate::proto::v1 as pb;
 use crate::server::router::Router;
 use crate::server::work::OpError;
+use crate::store::bidders;
 use crate::store::ledger::{self, AuctionRecord, AuctionSpec, CloseMode, Closed};
-use crate::wire::{CloseRequest, Event};
+use crate::wire::{self, CloseRequest, Event};
 
 mod messages;
 mod stored;
 mod watch;
 
 use crate::server::args::AuctionDefaults;
+use crate::server::bidder_keys::BidderKeys;
 use messages::{
     BidsAfter, amount, auctions_after, auctions_token, bid_to_proto, bids_after, constant_time_eq,
-    from_duration, invalid, page_size, parse_id, to_proto, unavailable,
+    from_duration, invalid, page_size, parse_id, timestamp, to_proto, unavailable,
 };
 use watch::WatchStream;
 
@@ -67,6 +69,8 @@ pub struct AdminService {
     pub admin_token: Option<String>,
     /// What a request's unset fields take.
     pub defaults: AuctionDefaults,
+    /// This server's cache of bidder keys, updated at once by registrations made here.
+    pub bidder_keys: BidderKeys,
 }
 
 impl From<OpError> for Status {
@@ -239,6 +243,84 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
             watch::watch(&self.hub, &self.master, self.router.clone(), id).await
         };
         watching.instrument(span).await
+    }
+
+    async fn register_bidder(
+        &self,
+        req: Request<pb::RegisterBidderRequest>,
+    ) -> Result<Response<pb::RegisterBidderResponse>, Status> {
+        let span = rpc_span("RegisterBidder", &req);
+        self.register_bidder_impl(req).instrument(span).await
+    }
+
+    async fn revoke_bidder(
+        &self,
+        req: Request<pb::RevokeBidderRequest>,
+    ) -> Result<Response<pb::RevokeBidderResponse>, Status> {
+        let span = rpc_span("RevokeBidder", &req);
+        self.revoke_bidder_impl(req).instrument(span).await
+    }
+
+    async fn list_bidders(
+        &self,
+        req: Request<pb::ListBiddersRequest>,
+    ) -> Result<Response<pb::ListBiddersResponse>, Status> {
+        let span = rpc_span("ListBidders", &req);
+        let listing = async {
+            let mut conn = self.conn().await?;
+            let all = bidders::list(&mut conn).await.map_err(unavailable)?;
+            let bidders = all
+                .into_iter()
+                .map(|(bidder, ms)| pb::RegisteredBidder {
+                    bidder,
+                    registered_at: Some(timestamp(ms)),
+                })
+                .collect();
+            Ok(Response::new(pb::ListBiddersResponse { bidders }))
+        };
+        listing.instrument(span).await
+    }
+}
+
+impl AdminService {
+    async fn register_bidder_impl(
+        &self,
+        req: Request<pb::RegisterBidderRequest>,
+    ) -> Result<Response<pb::RegisterBidderResponse>, Status> {
+        self.authorize(&req)?;
+        let bidder = req.into_inner().bidder;
+        wire::check_token("bidder", &bidder, wire::MAX_BIDDER_LEN)
+            .map_err(|e| invalid("bidder", e))?;
+        let key = bidders::new_key().map_err(|e| {
+            Status::internal(format!("the operating system gave no random bytes: {e}"))
+        })?;
+        let mut conn = self.conn().await?;
+        bidders::register(&mut conn, &bidder, &key)
+            .await
+            .map_err(unavailable)?;
+        self.bidder_keys.registered(&bidder, &key);
+        info!(%bidder, "bidder registered (a new key replaces any earlier one)");
+        Ok(Response::new(pb::RegisterBidderResponse { bidder, key }))
+    }
+
+    async fn revoke_bidder_impl(
+        &self,
+        req: Request<pb::RevokeBidderRequest>,
+    ) -> Result<Response<pb::RevokeBidderResponse>, Status> {
+        self.authorize(&req)?;
+        let bidder = req.into_inner().bidder;
+        wire::check_token("bidder", &bidder, wire::MAX_BIDDER_LEN)
+            .map_err(|e| invalid("bidder", e))?;
+        let mut conn = self.conn().await?;
+        let had = bidders::revoke(&mut conn, &bidder)
+            .await
+            .map_err(unavailable)?;
+        self.bidder_keys.revoked(&bidder);
+        if !had {
+            return Err(Status::not_found(format!("no registered bidder {bidder}")));
+        }
+        info!(%bidder, "bidder revoked");
+        Ok(Response::new(pb::RevokeBidderResponse {}))
     }
 }
 
