@@ -8,35 +8,14 @@ mod support;
 use std::time::Duration;
 
 use auction::proto::v1 as pb;
-use auction::proto::v1::auction_admin_client::AuctionAdminClient;
-use auction::runtime::config::DEFAULT_COMMAND_CHANNEL;
 use auction::wire::{Event, RejectReason};
 use auction_testkit::eventually;
 use serde_json::Value;
 use support::*;
 
-type Admin = AuctionAdminClient<tonic::transport::Channel>;
-
-/// A server on a free port, SERVING, and an admin client for it.
-async fn serving(stack: &auction_testkit::DevStack, env: &[(&str, String)]) -> (Proc, u16, Admin) {
-    let port = free_port();
-    let server = server(stack, "server", port, env);
-    wait_health(port, "", "SERVING", Duration::from_secs(30)).await;
-    let admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("connect to the admin API");
-    (server, port, admin)
-}
-
 /// Publishes `payload` on the command channel.
 async fn publish(stack: &auction_testkit::DevStack, payload: &str) {
-    let mut conn = master_conn(stack).await;
-    let _: u64 = redis::cmd("PUBLISH")
-        .arg(DEFAULT_COMMAND_CHANNEL)
-        .arg(payload)
-        .query_async(&mut conn)
-        .await
-        .expect("PUBLISH");
+    publish_command(stack, payload).await;
 }
 
 /// A v1 bid, with `max_amount` when given.
@@ -50,12 +29,7 @@ fn bid_json(auction: &str, bid_id: &str, bidder: &str, amount: u64, max: Option<
 
 /// The outcome of `bid_id` (an accepted or rejected event), waiting for it.
 async fn outcome(rec: &Recorder, bid_id: &str) -> Event {
-    rec.wait_until(
-        &format!("the outcome of {bid_id}"),
-        Duration::from_secs(20),
-        |evs| evs.iter().find(|e| e.bid_id() == Some(bid_id)).cloned(),
-    )
-    .await
+    outcome_after(rec, bid_id, 0).await
 }
 
 /// Redis time on the master, ms.
@@ -66,15 +40,6 @@ async fn redis_ms(stack: &auction_testkit::DevStack) -> u64 {
         .await
         .expect("TIME");
     s * 1000 + us / 1000
-}
-
-const LIMIT: Duration = Duration::from_secs(90);
-
-/// Runs a test body under an overall bound so a hang fails with a message.
-async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test exceeded its overall time bound");
 }
 
 #[tokio::test]
@@ -130,6 +95,7 @@ async fn a_prototype_client_bids_follows_the_price_and_sees_the_winner() {
         let rec = recorder(&stack).await;
         let (_server, _port, mut admin) = serving(
             &stack,
+            "server",
             &[
                 ("SEED_DIALECT", "true".into()),
                 ("OPEN_ON_START", "Notebook".into()),
@@ -290,7 +256,7 @@ async fn a_proxy_bid_defends_its_leader_up_to_a_max_nobody_sees() {
     bounded(async {
         let stack = stack().await;
         let rec = recorder(&stack).await;
-        let (server, _port, mut admin) = serving(&stack, &[]).await;
+        let (server, _port, mut admin) = serving(&stack, "server", &[]).await;
         admin
             .open_auction(pb::OpenAuctionRequest {
                 item: "Proxy lot".into(),
@@ -448,7 +414,7 @@ async fn a_late_bid_moves_the_deadline_under_soft_close() {
     bounded(async {
         let stack = stack().await;
         let rec = recorder(&stack).await;
-        let (_server, _port, mut admin) = serving(&stack, &[]).await;
+        let (_server, _port, mut admin) = serving(&stack, "server", &[]).await;
         let opened = admin
             .open_auction(pb::OpenAuctionRequest {
                 item: "Sniped lot".into(),
@@ -569,6 +535,7 @@ async fn open_auction_with_only_an_item_takes_the_servers_defaults() {
         let stack = stack().await;
         let (_server, _port, mut admin) = serving(
             &stack,
+            "server",
             &[
                 ("STARTING_PRICE", "250".into()),
                 ("MIN_INCREMENT", "25".into()),

@@ -6,30 +6,12 @@ mod support;
 use std::time::Duration;
 
 use auction::proto::v1 as pb;
-use auction::proto::v1::auction_admin_client::AuctionAdminClient;
-use auction::runtime::config::DEFAULT_COMMAND_CHANNEL;
 use auction::store::bidders;
 use auction::wire::{Bid, Event, RejectReason};
 use support::*;
 
-type Admin = AuctionAdminClient<tonic::transport::Channel>;
-
-const LIMIT: Duration = Duration::from_secs(90);
-
-async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("test exceeded its overall time bound");
-}
-
-async fn serving(stack: &auction_testkit::DevStack, name: &str) -> (Proc, u16, Admin) {
-    let port = free_port();
-    let server = server(stack, name, port, &[("BID_AUTH", "required".into())]);
-    wait_health(port, "", "SERVING", Duration::from_secs(30)).await;
-    let admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("connect to the admin API");
-    (server, port, admin)
+fn bid_auth() -> Vec<(&'static str, String)> {
+    vec![("BID_AUTH", "required".into())]
 }
 
 async fn register(admin: &mut Admin, bidder: &str) -> String {
@@ -81,13 +63,7 @@ fn signed(b: Bid, key: &str) -> Bid {
 }
 
 async fn publish(stack: &auction_testkit::DevStack, b: &Bid) {
-    let mut conn = master_conn(stack).await;
-    let _: u64 = redis::cmd("PUBLISH")
-        .arg(DEFAULT_COMMAND_CHANNEL)
-        .arg(b.to_json())
-        .query_async(&mut conn)
-        .await
-        .expect("PUBLISH");
+    publish_command(stack, &b.to_json()).await;
 }
 
 async fn outcome(rec: &Recorder, bid_id: &str, after: usize) -> Event {
@@ -120,7 +96,7 @@ async fn only_a_bidders_own_key_can_bid_in_its_name() {
     bounded(async {
         let stack = stack().await;
         let rec = recorder(&stack).await;
-        let (_server, _port, mut admin) = serving(&stack, "server").await;
+        let (_server, _port, mut admin) = serving(&stack, "server", &bid_auth()).await;
         let alice = register(&mut admin, "alice").await;
         let bob = register(&mut admin, "bob").await;
         open(&mut admin, "signed-1").await;
@@ -203,8 +179,8 @@ async fn a_registration_on_one_server_reaches_the_others_within_a_second() {
     bounded(async {
         let stack = stack().await;
         let rec = recorder(&stack).await;
-        let (_a, _pa, mut admin_a) = serving(&stack, "server-a").await;
-        let (_b, _pb, mut admin_b) = serving(&stack, "server-b").await;
+        let (_a, _pa, mut admin_a) = serving(&stack, "server-a", &bid_auth()).await;
+        let (_b, _pb, mut admin_b) = serving(&stack, "server-b", &bid_auth()).await;
         // Opened through b, so b's worker holds the auction and judges its bids.
         open(&mut admin_b, "spread-1").await;
         let key = register(&mut admin_a, "carol").await;
@@ -251,7 +227,7 @@ async fn an_auction_client_signs_with_its_key_and_wins() {
             ],
         );
         wait_health(port, "", "SERVING", Duration::from_secs(30)).await;
-        let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{port}"))
+        let mut admin = Admin::connect(format!("http://127.0.0.1:{port}"))
             .await
             .expect("connect");
         let key = register(&mut admin, "signer").await;

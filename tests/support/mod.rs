@@ -231,3 +231,51 @@ pub fn assert_history_sound(
     );
     fences
 }
+
+/// The admin API's client, as the tests use it.
+pub type Admin =
+    auction::proto::v1::auction_admin_client::AuctionAdminClient<tonic::transport::Channel>;
+
+/// Runs a test body under a 90 s bound, so a hang fails with a message.
+pub async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(90), f)
+        .await
+        .expect("test exceeded its overall time bound");
+}
+
+/// A server named `name` on a free port with extra `env`, SERVING, and an admin client.
+pub async fn serving(stack: &DevStack, name: &str, env: &[(&str, String)]) -> (Proc, u16, Admin) {
+    let port = free_port();
+    let server = server(stack, name, port, env);
+    wait_health(port, "", "SERVING", Duration::from_secs(30)).await;
+    let admin = Admin::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("connect to the admin API");
+    (server, port, admin)
+}
+
+/// Publishes `payload` on the command channel, as a bidder would.
+pub async fn publish_command(stack: &DevStack, payload: &str) {
+    let mut conn = master_conn(stack).await;
+    let _: u64 = redis::cmd("PUBLISH")
+        .arg(auction::runtime::config::DEFAULT_COMMAND_CHANNEL)
+        .arg(payload)
+        .query_async(&mut conn)
+        .await
+        .expect("PUBLISH");
+}
+
+/// The first outcome of `bid_id` among the events after the first `after`, waiting for it.
+pub async fn outcome_after(rec: &Recorder, bid_id: &str, after: usize) -> Event {
+    rec.wait_until(
+        &format!("an outcome of {bid_id}"),
+        Duration::from_secs(20),
+        |evs| {
+            evs.iter()
+                .skip(after)
+                .find(|e| e.bid_id() == Some(bid_id))
+                .cloned()
+        },
+    )
+    .await
+}
