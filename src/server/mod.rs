@@ -3,9 +3,10 @@
 //! 1. [`intake`] reads the command channel, validates each message at the boundary and
 //!    hands bids to the [`router`]; the gRPC [`admin`] API hands it opens and closes.
 //! 2. The [`router`] keeps one [`queue`] per auction (fair between bidders) and starts a
-//!    [`worker`] for it, which
-//!    takes the auction's lease and judges its queued bids in batches (one fenced script
-//!    call each, [`crate::store`]), speaking the vocabulary of [`work`].
+//!    [`worker`] for it, which takes the auction's lease and judges its queued bids in
+//!    batches (one fenced script call each, [`crate::store`]), speaking the vocabulary of
+//!    [`work`]; with `BID_AUTH=required` it first checks each bid's signature against
+//!    [`bidder_keys`], every registered bidder's key cached from Redis.
 //! 3. The [`announcer`] makes each batch durable with one `WAIT` (group commit) and then
 //!    publishes its events in `seq` order.
 //! 4. The [`closer`] closes auctions at their deadline by Redis time, through the router
