@@ -6,6 +6,7 @@
 #   bash scripts/bench.sh                      # one step: flat out, 100 bidders, 1 auction, WAIT 1
 #   bash scripts/bench.sh --scenario all       # every curve and the targets (about 6 minutes)
 #   bash scripts/bench.sh --rate 1000 --bidders 1000 --wait-replicas 0
+#   bash scripts/bench.sh --scenario soak      # 3 min of churn at maxmemory 64mb: target/bench/soak.{json,md,svg}
 #   bash scripts/bench.sh --help               # every option
 set -euo pipefail
 cd "$(dirname "$0")/.."

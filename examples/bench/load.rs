@@ -59,6 +59,16 @@ impl RespConn {
         })
     }
 
+    /// After a failed command: tells `master` this link failed, waits 100 ms and connects
+    /// again through Sentinel (bounded; on failure the old connection stays, to fail again).
+    pub(crate) async fn reconnect(&mut self, master: &Master) {
+        master.invalidate(self.generation);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(c) = RespConn::connect(master).await {
+            *self = c;
+        }
+    }
+
     pub(crate) async fn write_command(&mut self, args: &[&[u8]]) -> anyhow::Result<()> {
         use std::io::Write;
         use tokio::io::AsyncWriteExt;
@@ -281,11 +291,7 @@ pub(crate) async fn bidder(load: BidderLoad, mut conn: RespConn) {
                 // Not counted as published; reconnect through Sentinel (bounded).
                 load.counters.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "bidder PUBLISH failed; reconnecting");
-                load.master.invalidate(conn.generation);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Ok(c) = RespConn::connect(&load.master).await {
-                    conn = c;
-                }
+                conn.reconnect(&load.master).await;
             }
         }
     }

@@ -23,7 +23,8 @@
 //! [`server`] starts and stops the server of a step, [`load`] generates its bids,
 //! [`recording`] tallies the outcomes, [`result`] holds what a step measured, [`stats`]
 //! reads process and Redis statistics, and [`report`] writes the table, the targets and
-//! the JSON.
+//! the JSON. The soak scenario runs apart from the steps: [`soak`] drives it (one server,
+//! minutes of churn, samples over time) and [`soak_report`] writes its table, JSON and SVG.
 
 mod load;
 mod plan;
@@ -31,6 +32,8 @@ mod recording;
 mod report;
 mod result;
 mod server;
+mod soak;
+mod soak_report;
 mod stats;
 mod step;
 
@@ -42,7 +45,8 @@ use anyhow::{Context, anyhow};
 use auction::link::sentinel::{Master, Settings};
 use auction::runtime::config::RedisArgs;
 use auction_testkit::{DevStack, DevStackConfig};
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
@@ -71,6 +75,11 @@ pub(crate) enum Scenario {
     Wait,
     /// All of the above (identical steps run once), and the targets of issue 6.
     All,
+    /// Minutes of churn at a small Redis `maxmemory`: short auctions opened and closed
+    /// continuously with a short RETENTION, honest bidders, one flooding bidder; Redis
+    /// memory, keys, OOM replies and server RSS sampled over time. Not part
+    /// of `all`.
+    Soak,
 }
 
 /// Benchmark of the auction server on a local Redis Sentinel topology.
@@ -155,6 +164,28 @@ pub(crate) struct Args {
     /// Keep the stack's directory (Redis and server logs) under target/bench/logs.
     #[arg(long)]
     pub(crate) keep_logs: bool,
+    /// Soak: auctions opened per second (each lasts 2 to 5 s).
+    #[arg(long, default_value_t = 20.0)]
+    pub(crate) open_rate: f64,
+    /// Soak: the flooding bidder's junk bids per second (amount 1, long unique bid_ids).
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) flood_rate: u64,
+    /// Soak: RETENTION given to the server (closed auctions expire this long after closing).
+    #[arg(long, default_value = "15s", value_parser = auction::runtime::config::parse_duration)]
+    #[serde(with = "secs")]
+    pub(crate) retention: Duration,
+    /// Soak: `maxmemory` of every Redis data node (`maxmemory-policy noeviction`).
+    #[arg(long, default_value = "64mb")]
+    pub(crate) maxmemory: String,
+    /// Soak: time between samples of memory, keys and counts.
+    #[arg(long, default_value = "1s", value_parser = auction::runtime::config::parse_duration)]
+    #[serde(with = "secs")]
+    pub(crate) sample_every: Duration,
+    /// Soak: sampling goes on this long after the load stops (default: RETENTION + 10 s),
+    /// to see the closed auctions expire.
+    #[arg(long, value_parser = auction::runtime::config::parse_duration)]
+    #[serde(with = "option_secs")]
+    pub(crate) tail: Option<Duration>,
     /// Hard bound on the whole run; everything is stopped when it expires.
     #[arg(long, default_value = "20m", value_parser = auction::runtime::config::parse_duration)]
     #[serde(with = "secs")]
@@ -188,8 +219,37 @@ pub(crate) mod secs {
     }
 }
 
+pub(crate) mod option_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_f64(d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// The command line; the soak scenario has its own defaults for `--duration` (3 minutes)
+/// and `--rate` (500 bids/s) when they are not given.
+fn parse_args() -> Args {
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if args.scenario == Scenario::Soak {
+        let default = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        if default("duration") {
+            args.duration = soak::DEFAULT_DURATION;
+        }
+        if default("rate") {
+            args.rate = soak::DEFAULT_RATE;
+        }
+    }
+    args
+}
+
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = parse_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -234,9 +294,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| target.join("bench").join("summary.json"));
     let clk_tck = clock_ticks();
+    if args.scenario == Scenario::Soak {
+        return soak::run(&args, &target, &server_bin, clk_tck).await;
+    }
     let started = Instant::now();
 
-    let mut topology = Topology::start(args.master_nice).await?;
+    let mut topology = Topology::start(args.master_nice, Vec::new()).await?;
     let rb = baseline(&args, topology.master_port).await?;
 
     let shared = Shared::new();
@@ -270,10 +333,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &curves,
         started,
     )?;
+    finish(&args, &target, &topology.stack, started)
+}
+
+/// The end of a run: keeps the logs when asked (--keep-logs), and says how long it took.
+pub(crate) fn finish(
+    args: &Args,
+    target: &std::path::Path,
+    stack: &DevStack,
+    started: Instant,
+) -> anyhow::Result<()> {
     if args.keep_logs {
         let keep = target.join("bench").join("logs");
         std::fs::create_dir_all(&keep)?;
-        copy_logs(topology.stack.dir(), &keep, "")?;
+        copy_logs(stack.dir(), &keep, "")?;
         println!("logs: {}", keep.display());
     }
     eprintln!(
@@ -316,10 +389,15 @@ pub(crate) struct Topology {
 }
 
 impl Topology {
-    /// Starts 1 master, 2 replicas and 3 Sentinels, and gives the master `master_nice`.
-    async fn start(master_nice: i32) -> anyhow::Result<Topology> {
+    /// Starts 1 master, 2 replicas and 3 Sentinels, with `redis_conf` added to every data
+    /// node's configuration, and gives the master `master_nice`.
+    async fn start(master_nice: i32, redis_conf: Vec<String>) -> anyhow::Result<Topology> {
         eprintln!("starting Redis: 1 master, 2 replicas, 3 Sentinels on 127.0.0.1…");
-        let stack = DevStack::start(DevStackConfig::default()).await?;
+        let stack = DevStack::start(DevStackConfig {
+            extra_redis_conf: redis_conf,
+            ..DevStackConfig::default()
+        })
+        .await?;
         let master_port = stack.current_master_port().await?;
         let redis_args = RedisArgs::local(&stack.sentinel_addrs()).map_err(anyhow::Error::msg)?;
         let master = Master::start(Settings::from_args(&redis_args));

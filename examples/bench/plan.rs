@@ -128,5 +128,7 @@ pub(crate) fn plan(args: &Args) -> Vec<Group> {
         Scenario::Auctions => vec![auctions],
         Scenario::Wait => vec![wait],
         Scenario::All => vec![rate, bidders, auctions, wait],
+        // Not steps: run by crate::soak.
+        Scenario::Soak => Vec::new(),
     }
 }

@@ -13,7 +13,6 @@ use auction_testkit::{Process, free_port};
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 
-use crate::plan::StepConfig;
 use crate::recording::auction_id;
 use crate::step::StepContext;
 use crate::{STARTING_PRICE, now_ms};
@@ -21,14 +20,15 @@ use crate::{STARTING_PRICE, now_ms};
 /// Concurrent OpenAuction calls.
 const OPEN_CONCURRENCY: usize = 32;
 
-/// A free TCP port on 127.0.0.1 (for the server's gRPC listener).
-/// Starts the server, as a child process, and waits until it is ready; returns it and its
+/// Starts the server, as a child process, with `WAIT_REPLICAS` = `wait_replicas` and
+/// `extra_env` added to its environment, and waits until it is ready; returns it and its
 /// gRPC port.
 pub(crate) async fn start_server(
     ctx: &StepContext<'_>,
     admin_conn: &mut MultiplexedConnection,
     step: u32,
-    cfg: &StepConfig,
+    wait_replicas: u32,
+    extra_env: &[(&str, String)],
 ) -> anyhow::Result<(Process, u16)> {
     let grpc_port = free_port()?;
     let (bin, server_args) = match &ctx.args.server_wrapper {
@@ -41,17 +41,19 @@ pub(crate) async fn start_server(
         }
         None => (ctx.server_bin.display().to_string(), Vec::new()),
     };
+    let mut env = vec![
+        ("REDIS_SENTINELS", ctx.stack.sentinels_csv()),
+        ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
+        ("WAIT_REPLICAS", wait_replicas.to_string()),
+        ("RUST_LOG", ctx.args.server_log.clone()),
+    ];
+    env.extend(extra_env.iter().cloned());
     let mut server = Process::spawn(
         ctx.stack.dir(),
         &format!("server-step{step}"),
         &bin,
         &server_args,
-        &[
-            ("REDIS_SENTINELS", ctx.stack.sentinels_csv()),
-            ("GRPC_ADDR", format!("127.0.0.1:{grpc_port}")),
-            ("WAIT_REPLICAS", cfg.wait_replicas.to_string()),
-            ("RUST_LOG", ctx.args.server_log.clone()),
-        ],
+        &env,
     );
     let ready_limit = if ctx.args.server_wrapper.is_some() {
         Duration::from_secs(120)
@@ -113,25 +115,9 @@ pub(crate) async fn open_auctions(
                 let mut attempt = 0;
                 loop {
                     let ms = deadline_ms.saturating_sub(now_ms()).max(1000);
-                    let req = pb::OpenAuctionRequest {
-                        item: format!("bench item {i}"),
-                        duration: Some(prost_types::Duration {
-                            seconds: (ms / 1000) as i64,
-                            nanos: ((ms % 1000) * 1_000_000) as i32,
-                        }),
-                        starting_price: STARTING_PRICE as i64,
-                        min_increment: 1,
-                        reserve_price: 0,
-                        auction_id: auction_id(step, i),
-                        soft_close: None,
-                    };
-                    match client.open_auction(req).await {
+                    match client.open_auction(open_request(step, i, ms)).await {
                         Ok(resp) => {
-                            let deadline = resp
-                                .into_inner()
-                                .auction
-                                .and_then(|a| a.deadline)
-                                .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+                            let deadline = deadline_of(resp.into_inner())
                                 .context("OpenAuction answered without a deadline")?;
                             return Ok((i, deadline));
                         }
@@ -153,6 +139,30 @@ pub(crate) async fn open_auctions(
         deadlines[i] = d;
     }
     Ok(deadlines)
+}
+
+/// `OpenAuction` for auction `index` of `step`, lasting `ms`, at [`STARTING_PRICE`] with a
+/// minimum increment of 1.
+pub(crate) fn open_request(step: u32, index: usize, ms: u64) -> pb::OpenAuctionRequest {
+    pb::OpenAuctionRequest {
+        item: format!("bench item {index}"),
+        duration: Some(prost_types::Duration {
+            seconds: (ms / 1000) as i64,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        }),
+        starting_price: STARTING_PRICE as i64,
+        min_increment: 1,
+        reserve_price: 0,
+        auction_id: auction_id(step, index),
+        soft_close: None,
+    }
+}
+
+/// The deadline (Redis clock, ms) of the auction an `OpenAuction` answered with.
+pub(crate) fn deadline_of(resp: pb::OpenAuctionResponse) -> Option<u64> {
+    resp.auction
+        .and_then(|a| a.deadline)
+        .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
 }
 
 /// Stops the server; returns its exit code and the counters of its shutdown log line.

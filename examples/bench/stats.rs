@@ -41,11 +41,21 @@ pub(crate) fn proc_cpu_s(pid: u32, clk_tck: f64) -> f64 {
 
 /// VmHWM of `pid` in MB (0 when unreadable).
 pub(crate) fn proc_peak_rss_mb(pid: u32) -> f64 {
+    proc_status_mb(pid, "VmHWM:")
+}
+
+/// VmRSS of `pid` in MB (0 when unreadable).
+pub(crate) fn proc_rss_mb(pid: u32) -> f64 {
+    proc_status_mb(pid, "VmRSS:")
+}
+
+/// A `kB` figure of `/proc/PID/status` (`field` with its colon) in MB (0 when unreadable).
+fn proc_status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })

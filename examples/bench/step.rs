@@ -58,7 +58,7 @@ pub(crate) async fn run_step(
         .await
         .context("FLUSHALL")?;
     let slots = ctx.shared.begin_step(step, cfg.bidders);
-    let (server, grpc_port) = start_server(ctx, admin_conn, step, cfg).await?;
+    let (server, grpc_port) = start_server(ctx, admin_conn, step, cfg.wait_replicas, &[]).await?;
     let pid = server.pid();
     let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
     let opened = open_step_auctions(ctx, &mut admin, step, cfg).await?;
