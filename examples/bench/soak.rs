@@ -332,6 +332,7 @@ async fn honest(load: Load, bidder: u32, offset: Duration, interval: Duration, m
                 amount: STARTING_PRICE + auction.next_amount.fetch_add(1, Ordering::Relaxed),
                 max_amount: None,
                 traceparent: None,
+                sig: None,
             };
             conn.publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())
                 .await
@@ -375,6 +376,7 @@ async fn flood(load: Load, rate: u64, mut conn: RespConn) {
                     amount: 1,
                     max_amount: None,
                     traceparent: None,
+                    sig: None,
                 };
                 conn.publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())
                     .await?;
