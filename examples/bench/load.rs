@@ -199,6 +199,8 @@ pub(crate) struct BidderLoad {
     pub(crate) next_auction: Arc<AtomicU64>,
     pub(crate) auction_ids: Arc<Vec<AuctionId>>,
     pub(crate) master: Master,
+    /// Each bidder's key when the step signs its bids (empty otherwise).
+    pub(crate) keys: Arc<Vec<String>>,
 }
 
 /// One simulated bidder: open loop on its share of the rate, or closed loop (flat out).
@@ -260,7 +262,7 @@ pub(crate) async fn bidder(load: BidderLoad, mut conn: RespConn) {
                 % load.auction_ids.len() as u64) as usize;
             let amount = STARTING_PRICE + load.amounts[index].fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
-            let bid = Bid {
+            let mut bid = Bid {
                 auction_id: load.auction_ids[index].clone(),
                 bid_id: bid_id(load.step, load.bidder, n, load.shared.us(sent)),
                 bidder: name.clone(),
@@ -269,6 +271,9 @@ pub(crate) async fn bidder(load: BidderLoad, mut conn: RespConn) {
                 traceparent: None,
                 sig: None,
             };
+            if let Some(key) = load.keys.get(load.bidder as usize) {
+                bid.sig = Some(auction::store::bidders::sign(&bid, key));
+            }
             conn.publish(DEFAULT_COMMAND_CHANNEL, bid.to_json().as_bytes())
                 .await?;
             anyhow::Ok((sent, previous))

@@ -134,6 +134,10 @@ pub(crate) struct Args {
     #[arg(long, default_value = "0", value_parser = parse_spread)]
     #[serde(with = "secs")]
     pub(crate) deadline_spread: Duration,
+    /// Also run every step with signed bids (the server at `BID_AUTH=required`, every
+    /// bidder registered and signing), right after its unsigned twin, and compare them.
+    #[arg(long)]
+    pub(crate) signed: bool,
     /// `redis-benchmark -n` for `-P 1` (`-P 16` uses 5x as many); 0 skips redis-benchmark.
     #[arg(long, default_value_t = 200_000)]
     pub(crate) rb_requests: u64,

@@ -27,6 +27,8 @@ pub(crate) struct StepConfig {
     /// Auction i of n has its deadline `spread × i / n` after the common one (0 = a burst).
     #[serde(with = "crate::secs")]
     pub(crate) deadline_spread: Duration,
+    /// Bids signed by registered bidders, the server at `BID_AUTH=required`.
+    pub(crate) signed: bool,
 }
 
 impl StepConfig {
@@ -41,8 +43,9 @@ impl StepConfig {
         } else {
             format!(", deadlines over {}", fmt_spread(self.deadline_spread))
         };
+        let signed = if self.signed { ", signed" } else { "" };
         format!(
-            "{rate}, {} bidders, {} auctions, WAIT {}{spread}",
+            "{rate}, {} bidders, {} auctions, WAIT {}{spread}{signed}",
             self.bidders, self.auctions, self.wait_replicas
         )
     }
@@ -62,6 +65,27 @@ pub(crate) struct Group {
 }
 
 pub(crate) fn plan(args: &Args) -> Vec<Group> {
+    let mut groups = groups(args);
+    if args.signed {
+        // Each step, then its signed twin: adjacent, so the machine is in the same state.
+        for g in &mut groups {
+            g.steps = g
+                .steps
+                .drain(..)
+                .flat_map(|s| {
+                    let signed = StepConfig {
+                        signed: true,
+                        ..s.clone()
+                    };
+                    [s, signed]
+                })
+                .collect();
+        }
+    }
+    groups
+}
+
+fn groups(args: &Args) -> Vec<Group> {
     let base = StepConfig {
         bidders: args.bidders,
         auctions: args.auctions,
@@ -71,6 +95,7 @@ pub(crate) fn plan(args: &Args) -> Vec<Group> {
         warmup: args.warmup,
         duration: args.duration,
         deadline_spread: args.deadline_spread,
+        signed: false,
     };
     // Each step as (offered rate (0 = flat out), bidders, auctions, WAIT_REPLICAS).
     let steps = |points: Vec<(u64, usize, usize, u32)>| -> Vec<StepConfig> {

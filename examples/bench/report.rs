@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::plan::StepConfig;
 use crate::result::StepResult;
 use crate::stats::{RedisBenchmark, machine};
 use crate::{Args, Curves, Topology, fmt_spread, now_ms};
@@ -125,6 +126,7 @@ fn one_auction_w1(r: &StepResult) -> bool {
 
 fn evaluate_targets(results: &[StepResult], rb: Option<&RedisBenchmark>) -> Vec<Target> {
     let mut out = throughput(results, rb);
+    out.extend(signed_cost(results));
     out.extend(p99_at_1000(results));
     out.extend(rss_1000_bidders(results));
     // 10,000 open auctions: judged on the step with spread deadlines (each auction closing
@@ -139,6 +141,40 @@ fn evaluate_targets(results: &[StepResult], rb: Option<&RedisBenchmark>) -> Vec<
     out.extend(spread.or(burst).map(close_10000));
     out.extend(burst.map(close_10000_burst));
     out
+}
+
+/// With `--signed`: each flat-out signed step against its unsigned twin just before it, the
+/// worst pair judged (≥ 90 % of the unsigned accepted/s).
+fn signed_cost(results: &[StepResult]) -> Option<Target> {
+    let pairs: Vec<(&StepResult, &StepResult)> = results
+        .windows(2)
+        .filter(|w| w[1].config.signed && w[1].config.rate == 0)
+        .filter(|w| {
+            w[0].config
+                == StepConfig {
+                    signed: false,
+                    ..w[1].config.clone()
+                }
+        })
+        .map(|w| (&w[0], &w[1]))
+        .collect();
+    let ratio = |(u, s): &(&StepResult, &StepResult)| s.accepted_per_s / u.accepted_per_s.max(1.0);
+    let worst = pairs.iter().min_by(|a, b| ratio(a).total_cmp(&ratio(b)))?;
+    let (u, s) = worst;
+    Some(Target::judged(
+        "signed_cost",
+        "signed flat-out step ≥ 90 % of the unsigned one's accepted/s, same run",
+        format!(
+            "{:.3} × at step {} ({}): {:.0} signed vs {:.0} unsigned accepted/s (step {})",
+            ratio(worst),
+            s.step,
+            s.label,
+            s.accepted_per_s,
+            u.accepted_per_s,
+            u.step
+        ),
+        ratio(worst) >= 0.9,
+    ))
 }
 
 /// `throughput` and, with a `redis-benchmark` baseline, `ratio_to_eval`; none when no step

@@ -180,3 +180,22 @@ pub(crate) async fn stop_server(mut server: Process) -> (Option<i32>, Option<Str
         });
     (exit_code, counters_line)
 }
+
+/// Registers bidders `bench0..bench{n-1}` (the names the load generator bids under) and
+/// returns their keys, in order.
+pub(crate) async fn register_bidders(
+    admin: &mut AuctionAdminClient<tonic::transport::Channel>,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut keys = Vec::with_capacity(n);
+    for b in 0..n {
+        let reply = admin
+            .register_bidder(pb::RegisterBidderRequest {
+                bidder: format!("bench{b}"),
+            })
+            .await
+            .with_context(|| format!("RegisterBidder bench{b}"))?;
+        keys.push(reply.into_inner().key);
+    }
+    Ok(keys)
+}

@@ -23,7 +23,7 @@ use crate::recording::{BidderSlot, Shared, StepTally, auction_id, parse_bid_id};
 use crate::result::{
     Closing, MachineWindow, NodeStats, Probe, RedisStats, ServerStats, StepResult, percentiles_ms,
 };
-use crate::server::{open_auctions, start_server, stop_server};
+use crate::server::{open_auctions, register_bidders, start_server, stop_server};
 use crate::stats::{
     Commandstats, loop_lag, machine_busy_s, master_pid, node_stats, probe, proc_cpu_s,
     proc_peak_rss_mb, read_commandstats, read_info_field,
@@ -58,11 +58,21 @@ pub(crate) async fn run_step(
         .await
         .context("FLUSHALL")?;
     let slots = ctx.shared.begin_step(step, cfg.bidders);
-    let (server, grpc_port) = start_server(ctx, admin_conn, step, cfg.wait_replicas, &[]).await?;
+    let auth = if cfg.signed {
+        vec![("BID_AUTH", "required".to_owned())]
+    } else {
+        Vec::new()
+    };
+    let (server, grpc_port) = start_server(ctx, admin_conn, step, cfg.wait_replicas, &auth).await?;
     let pid = server.pid();
     let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{grpc_port}")).await?;
+    let keys = if cfg.signed {
+        register_bidders(&mut admin, cfg.bidders).await?
+    } else {
+        Vec::new()
+    };
     let opened = open_step_auctions(ctx, &mut admin, step, cfg).await?;
-    let load = start_bidders(ctx, step, cfg, &slots, opened.duration).await?;
+    let load = start_bidders(ctx, step, cfg, &slots, opened.duration, Arc::new(keys)).await?;
     let window = measure_window(ctx, admin_conn, step, cfg, pid, &load).await?;
     let (published, drain_s) = drain(ctx, load.tasks, &load.counters).await;
     let closes = await_closes(ctx, admin_conn, cfg, pid, &opened.deadlines).await;
@@ -216,6 +226,7 @@ async fn start_bidders(
     cfg: &StepConfig,
     slots: &Arc<Vec<BidderSlot>>,
     duration: Duration,
+    keys: Arc<Vec<String>>,
 ) -> anyhow::Result<Load> {
     let conns = connect_bid_conns(ctx.master, cfg.bidders).await?;
     let load_start = Instant::now() + Duration::from_millis(200);
@@ -249,6 +260,7 @@ async fn start_bidders(
             next_auction: next_auction.clone(),
             auction_ids: auction_ids.clone(),
             master: ctx.master.clone(),
+            keys: keys.clone(),
         };
         tasks.spawn(bidder(load, conn));
     }
