@@ -23,6 +23,13 @@ pub const BIDDERS_REGISTERED: &str = "bidders:registered";
 /// cache of keys.
 pub const BIDDERS_VERSION: &str = "bidders:version";
 
+/// Counter every group commit increments on its connection right before `WAIT`: `WAIT`
+/// counts only the calling connection's own writes, so an answer that was read rather
+/// than written (an `already` close, a batch of pure duplicates or refusals, the first
+/// batch on a new connection) is vouched for only after a write of this connection that
+/// follows it. Its value means nothing.
+pub const COMMIT_MARKER: &str = "auctions:commit-marker";
+
 /// Longest accepted auction id, in bytes.
 pub const MAX_AUCTION_ID_LEN: usize = 64;
 

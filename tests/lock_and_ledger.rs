@@ -895,3 +895,208 @@ async fn listing_pages_by_value_so_removals_and_ties_neither_skip_nor_repeat() {
             .is_empty()
     );
 }
+
+/// Every replica of `stack` stopped with SIGSTOP (a replica that lags without limit); they
+/// are continued when this is dropped, also when the test fails.
+struct PausedReplicas(Vec<u32>);
+
+impl PausedReplicas {
+    async fn all(stack: &DevStack) -> PausedReplicas {
+        let master = stack.current_master_port().await.expect("master port");
+        let mut pids = Vec::new();
+        for port in stack.redis_ports().into_iter().filter(|p| *p != master) {
+            let mut conn = support::loopback_client(port)
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to a replica");
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut conn)
+                .await
+                .expect("INFO server");
+            let pid = auction_testkit::info_field(&info, "process_id")
+                .and_then(|p| p.trim().parse().ok())
+                .expect("the replica's process_id");
+            pids.push(pid);
+        }
+        let paused = PausedReplicas(pids);
+        paused.signal("STOP");
+        paused
+    }
+
+    fn signal(&self, sig: &str) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for PausedReplicas {
+    fn drop(&mut self) {
+        self.signal("CONT");
+    }
+}
+
+/// Issue 16, defect 1: `WAIT` counts only the calling connection's own writes. A server that
+/// reads another server's close (`already`) or answers a batch of pure duplicates writes
+/// nothing, so a bare `WAIT 1` on its connection returns at once even though no replica has
+/// the close or the first outcome: the announcer must not vouch for them until a write of
+/// its own connection, made after they were read, reached a replica.
+#[tokio::test]
+async fn answers_read_but_not_written_are_announced_only_once_a_replica_has_them() {
+    use auction::link::sentinel::{Master, Settings};
+    use auction::runtime::config::RedisArgs;
+    use auction::runtime::metrics::Metrics;
+    use auction::server::announcer::{Announcer, EventChannel, NotAnnounced};
+
+    let stack = DevStack::start(DevStackConfig {
+        sentinels: 1,
+        quorum: 1,
+        // Writes must go through while the replicas are stopped; only WAIT may tell.
+        min_replicas_to_write: 0,
+        // Sentinel must not start a failover while the replicas are stopped.
+        down_after: Duration::from_secs(30),
+        ..DevStackConfig::default()
+    })
+    .await
+    .expect("start redis");
+    let master = Master::start(Settings::from_args(
+        &RedisArgs::local(&stack.sentinel_addrs()).expect("args"),
+    ));
+    let link = master
+        .link(Duration::from_secs(10))
+        .await
+        .expect("a master link");
+    let (announcer, _task) = Announcer::start(
+        master.clone(),
+        EventChannel {
+            name: "notificacao-leilao".into(),
+            seed_dialect: false,
+        },
+        1,
+        Duration::from_millis(300),
+        Arc::new(Metrics::new()),
+    );
+    // "C": another server, on its own connection. "D": the server of this announcer; it
+    // reads the answers on a connection of its own too. On Redis 7.2 (the deployed image) a
+    // read does not move a connection's `WAIT` offset, so reading on the announcer's
+    // connection is the same case; Redis 7.0 (these tests) moves it on every command, read
+    // or not, which would hide the defect here. Either way the announcer's connection has
+    // written nothing since C's writes: a bare `WAIT 1` returns at once.
+    let mut other = master_conn(&stack).await;
+    let mut ours = master_conn(&stack).await;
+    let (id, lease) = opened(&mut other, "read-not-written").await;
+    let b = bid(&id, "b-1", "alice", 100);
+    let up_to_date = announcer.flush(link.generation).await;
+    assert_eq!(
+        up_to_date,
+        Ok(()),
+        "with live replicas the group commit succeeds"
+    );
+    // The announcer's connection last moved its offset during that flush; let every
+    // replica acknowledge past it (they do once a second), so the stop below is what
+    // makes them lag, not a late acknowledgement.
+    let offset = info_number(&mut other, "replication", "master_repl_offset").await;
+    eventually(
+        "every replica to acknowledge the flush",
+        Duration::from_secs(10),
+        || {
+            let mut other = other.clone();
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut other)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let acked: Vec<u64> = info
+                    .lines()
+                    .filter(|l| l.starts_with("slave"))
+                    .filter_map(|l| l.split("offset=").nth(1))
+                    .filter_map(|o| o.split(',').next()?.parse().ok())
+                    .collect();
+                if acked.len() == 2 && acked.iter().all(|a| *a >= offset) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "replicas acknowledged {acked:?}, master was at {offset}"
+                    ))
+                }
+            }
+        },
+    )
+    .await
+    .expect("replicas caught up");
+
+    let paused = PausedReplicas::all(&stack).await;
+    // C stores the first outcome; no replica gets it.
+    let first = ledger::place_bids(&mut other, &lease, std::slice::from_ref(&b))
+        .await
+        .expect("place");
+    // D sees the retry: a duplicate, answered without a write.
+    let again = ledger::place_bids(&mut ours, &lease, std::slice::from_ref(&b))
+        .await
+        .expect("place the retry");
+    assert!(
+        again.len() == 1 && !again[0].fresh && again[0].event == first[0].event,
+        "the retry gets the stored outcome"
+    );
+    let events: Vec<Event> = again.into_iter().map(|j| j.event).collect();
+    let duplicate = announcer
+        .announce_and_wait(link.generation, events.clone())
+        .await;
+    assert!(
+        matches!(duplicate, Err(NotAnnounced::Shortfall { acked: 0, .. })),
+        "a duplicate's stored outcome no replica has must not be announced: {duplicate:?}"
+    );
+
+    // C closes the auction; no replica gets the close. D's close answers `already`.
+    let Closed::ByUs(closed) = ledger::close(&mut other, &lease, CloseMode::Forced, week())
+        .await
+        .expect("close")
+    else {
+        panic!("C's close closes");
+    };
+    let Closed::Already(seen) = ledger::close(&mut ours, &lease, CloseMode::Forced, week())
+        .await
+        .expect("close again")
+    else {
+        panic!("D's close answers already");
+    };
+    assert_eq!(seen, closed);
+    let already = announcer
+        .announce_and_wait(link.generation, vec![seen.clone()])
+        .await;
+    assert!(
+        matches!(already, Err(NotAnnounced::Shortfall { acked: 0, .. })),
+        "a close no replica has must not be announced as durable: {already:?}"
+    );
+
+    // Once the replicas catch up, the same answers are announced.
+    drop(paused);
+    eventually("the close to be announced", Duration::from_secs(10), || {
+        let (announcer, seen) = (announcer.clone(), seen.clone());
+        async move {
+            announcer
+                .announce_and_wait(link.generation, vec![seen])
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .expect("announced once a replica has the close");
+}
+
+/// A number from `INFO section`.
+async fn info_number(conn: &mut MultiplexedConnection, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .expect("INFO");
+    auction_testkit::info_field(&info, field)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("INFO {section} has no number {field}"))
+}

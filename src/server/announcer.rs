@@ -11,7 +11,11 @@
 //!
 //! `WAIT` covers every write made earlier on the same connection, and all writers share one
 //! multiplexed connection per master generation, so one `WAIT` vouches for every request
-//! queued while the previous one was in flight. A request made against an older generation
+//! queued while the previous one was in flight. It counts only that connection's own
+//! writes, though, and an answer may have been read rather than written (an `already`
+//! close, a batch of duplicates or refusals): so each group's `WAIT` is preceded, in the
+//! same pipeline, by a marker write (`INCR` of [`COMMIT_MARKER`]) whose offset is past
+//! everything the master held when the group's answers were read. A request made against an older generation
 //! (the master changed since the write) cannot be vouched for by a `WAIT` on the new
 //! connection and is not announced; the bidder's retry (same `bid_id`) gets the stored
 //! outcome announced later. The same holds when replicas fall short after a few tries.
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Span, debug, info_span, warn};
 
+use crate::keyspace::COMMIT_MARKER;
 use crate::link::sentinel::Master;
 use crate::runtime::metrics::{Metrics, add};
 use crate::runtime::task::TaskGuard;
@@ -221,11 +226,22 @@ impl Task {
         if self.replicas > 0 {
             let mut attempt = 1;
             loop {
-                let result = redis::cmd("WAIT")
+                // `WAIT` counts only this connection's own writes. What the group vouches
+                // for may have been read, not written, here (an `already` close, a batch of
+                // duplicates or refusals, another server's write seen after a reconnect):
+                // a marker write first makes the `WAIT` cover everything the master held
+                // when the group was answered. One pipelined command per group.
+                let mut pipe = redis::pipe();
+                if attempt == 1 {
+                    pipe.cmd("INCR").arg(COMMIT_MARKER).ignore();
+                }
+                pipe.cmd("WAIT")
                     .arg(self.replicas)
-                    .arg(self.wait_timeout.as_millis() as u64)
-                    .query_async::<u32>(&mut conn)
-                    .await;
+                    .arg(self.wait_timeout.as_millis() as u64);
+                let result = pipe
+                    .query_async::<(u32,)>(&mut conn)
+                    .await
+                    .map(|(acked,)| acked);
                 match result {
                     Ok(acked) if acked >= self.replicas => break,
                     Ok(acked) => {
@@ -243,9 +259,17 @@ impl Task {
                         }
                         attempt += 1;
                     }
+                    // The marker was refused: the master has too few replicas to write.
+                    Err(e) if e.code() == Some("NOREPLICAS") => {
+                        warn!(error = %e, "the commit marker was refused; holding announcements back");
+                        return Err(NotAnnounced::Shortfall {
+                            acked: 0,
+                            wanted: self.replicas,
+                        });
+                    }
                     Err(e) => {
                         self.master.report(generation, &e);
-                        return Err(NotAnnounced::Failed(format!("WAIT: {e}")));
+                        return Err(NotAnnounced::Failed(format!("marker and WAIT: {e}")));
                     }
                 }
             }
