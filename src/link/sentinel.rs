@@ -64,6 +64,9 @@ impl std::fmt::Debug for Auth {
     }
 }
 
+/// How long a command on a master link may take before the link counts as broken.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Settings {
     /// Settings from the command line, with the default timeouts.
     pub fn from_args(args: &RedisArgs) -> Self {
@@ -79,7 +82,7 @@ impl Settings {
                 password: args.sentinel_password.clone(),
             },
             connect_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(2),
+            response_timeout: RESPONSE_TIMEOUT,
             probe_interval: Duration::from_millis(500),
         }
     }
@@ -520,6 +523,9 @@ async fn watch_link(
     }
 }
 
+/// How often the Sentinel announcement watcher checks its connection is alive.
+const WATCHER_PING_EVERY: Duration = Duration::from_secs(5);
+
 /// Watches one Sentinel's announcements about our master, reconnecting with backoff.
 /// Missed announcements are caught by the periodic probe.
 async fn watch_announcements(
@@ -546,8 +552,26 @@ async fn watch_announcements(
             Ok(pubsub) => {
                 backoff.reset();
                 debug!(sentinel = %addr, "watching Sentinel announcements");
-                let mut stream = pubsub.into_on_message();
-                while let Some(msg) = stream.next().await {
+                // A half-open connection would silently miss announcements: PING it
+                // every few seconds and reconnect when it does not answer in time.
+                let (mut sink, mut stream) = pubsub.split();
+                let mut liveness = tokio::time::interval(WATCHER_PING_EVERY);
+                liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let msg = tokio::select! {
+                        msg = stream.next() => match msg {
+                            Some(msg) => msg,
+                            None => break,
+                        },
+                        _ = liveness.tick() => {
+                            match timeout(settings.response_timeout, sink.ping::<redis::Value>()).await {
+                                Ok(Ok(_)) => continue,
+                                Ok(Err(e)) => warn!(sentinel = %addr, error = %e, "Sentinel announcement watcher: PING failed; reconnecting"),
+                                Err(_) => warn!(sentinel = %addr, "Sentinel announcement watcher: no PONG in time; reconnecting"),
+                            }
+                            break;
+                        }
+                    };
                     let payload = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
                     let channel = msg.get_channel_name().to_owned();
                     if !announcement_is_for(&channel, &payload, &settings.master_name) {

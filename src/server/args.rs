@@ -185,11 +185,25 @@ impl ServerArgs {
         {
             anyhow::bail!("ADMIN_TOKEN must be at least 16 characters without surrounding spaces");
         }
+        check_wait_timeout(self.wait_timeout)?;
         if self.wait_timeout >= self.lock_lease / 3 {
             anyhow::bail!("WAIT_TIMEOUT must be shorter than a third of LOCK_LEASE");
         }
         Ok(())
     }
+}
+
+/// A `WAIT` blocks the shared master link: a command queued behind it must still be answered
+/// within the link's reply timeout, or a lagging replica looks like a lost master.
+fn check_wait_timeout(wait: Duration) -> anyhow::Result<()> {
+    let bound = crate::link::sentinel::RESPONSE_TIMEOUT - Duration::from_millis(500);
+    if wait > bound {
+        anyhow::bail!(
+            "WAIT_TIMEOUT must be at most {bound:?} (the {:?} reply timeout of the master link less 500ms): a longer WAIT would make a lagging replica look like a lost master",
+            crate::link::sentinel::RESPONSE_TIMEOUT
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -207,5 +221,15 @@ mod tests {
         ] {
             assert!(parse_duration(d).is_ok(), "{d}");
         }
+    }
+
+    #[test]
+    fn wait_timeout_stays_below_the_reply_timeout() {
+        assert!(check_wait_timeout(Duration::from_millis(1500)).is_ok());
+        let err = check_wait_timeout(Duration::from_millis(1600)).expect_err("over the bound");
+        assert!(
+            err.to_string().contains("WAIT_TIMEOUT must be at most"),
+            "{err}"
+        );
     }
 }
