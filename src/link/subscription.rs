@@ -113,12 +113,12 @@ async fn run(
         info!(master = %link.addr, ?channels, "subscribed");
         live.send_replace(true);
         let (mut sink, mut stream) = pubsub.split();
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.tick().await;
+        let mut heard = tokio::time::Instant::now();
         let reason = loop {
             tokio::select! {
                 msg = stream.next() => match msg {
                     Some(msg) => {
+                        heard = tokio::time::Instant::now();
                         let message = Message {
                             channel: msg.get_channel_name().to_owned(),
                             payload: msg.get_payload_bytes().to_vec(),
@@ -139,11 +139,15 @@ async fn run(
                         break "the master changed";
                     }
                 }
-                _ = ping.tick() => {
+                // A message is proof of life: PING only a quiet connection. Under a backlog
+                // (a flood) the PONG queues behind every message already sent to us, so a
+                // PING then would time out and the resubscription would drop the backlog.
+                _ = tokio::time::sleep_until(heard + PING_EVERY) => {
                     let pong = timeout(settings.response_timeout, sink.ping::<redis::Value>()).await;
                     if !matches!(pong, Ok(Ok(_))) {
                         break "PING went unanswered";
                     }
+                    heard = tokio::time::Instant::now();
                 }
             }
         };
