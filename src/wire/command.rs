@@ -93,17 +93,17 @@ pub(super) fn decode_object(payload: &[u8]) -> Result<Map<String, Value>, Box<Ma
     if payload.len() > MAX_MESSAGE_BYTES {
         return Err(bare(WireError::Oversized(payload.len())));
     }
-    let value: Value = serde_json::from_slice(payload)
-        .map_err(|e| bare(WireError::NotJson(truncate(&e.to_string(), 120))))?;
-    if !value.is_object() {
-        return Err(bare(WireError::NotJson(
-            "top level is not an object".into(),
-        )));
-    }
-    // Parsed a second time only when it is an object: serde_json keeps the last of two
-    // equal keys silently, and `{"amount":1,"amount":900000}` must not be judged as either.
-    let strict = serde_json::from_slice::<StrictObject>(payload)
-        .map_err(|e| bare(WireError::NotJson(truncate(&e.to_string(), 120))))?;
+    // One parse that also catches a key given twice: serde_json's own map keeps the last
+    // of two equal keys silently, and `{"amount":1,"amount":900000}` must not be judged as
+    // either.
+    let strict = serde_json::from_slice::<StrictObject>(payload).map_err(|e| {
+        let why = if e.classify() == serde_json::error::Category::Data {
+            "top level is not an object".to_owned()
+        } else {
+            truncate(&e.to_string(), 120)
+        };
+        bare(WireError::NotJson(why))
+    })?;
     match strict.duplicate {
         None => Ok(strict.fields),
         Some(key) => {
