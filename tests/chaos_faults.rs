@@ -1,0 +1,957 @@
+//! Chaos: 3 long auctions and 8 short ones that close one after another, 2 servers, 10
+//! bidders (6 `auction-client` processes and 4 in-process bidders that record every bid
+//! they send), while the test injects 20 faults, mixed (see `SCHEDULE`): master SIGKILL
+//! with a promotion, master SIGKILL and an immediate restart in place, every replica
+//! SIGSTOPped (lag) while auctions close, a server SIGKILLed and restarted, a lease holder
+//! SIGSTOPped past its lease, and `SENTINEL FAILOVER`. (Partitions in network namespaces
+//! are not part of the run yet.) A history checker then
+//! holds the result against ARCHITECTURE.md's guarantees 1-6 and prints the figures
+//! (also written to `target/chaos-faults/figures.json`).
+//!
+//! Loopback only, bounded in time (≈5 minutes), stops by itself.
+//!
+//! Status: opt-in (`#[ignore]`), beside the CI chaos run in `tests/chaos.rs`. One full run
+//! passed (20 faults, 4,329 accepted, 0 lost, 0 double accepts, 0 wrong winners, 0 closed
+//! twice, 0 unconfirmed); earlier runs failed in the harness (an in-place restart that did
+//! not answer PING within 20 s, a failover over 40 s, an `INFO` timeout on a fresh replica),
+//! now retried with bounds. Partitions in network namespaces are not in it yet. Figures go
+//! to `target/chaos-faults/figures.json`.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use auction::keyspace::AuctionId;
+use auction::link::sentinel::{Master, Settings};
+use auction::proto::v1 as pb;
+use auction::proto::v1::auction_admin_client::AuctionAdminClient;
+use auction::runtime::config::{DEFAULT_COMMAND_CHANNEL, RedisArgs};
+use auction::runtime::task::TaskGuard;
+use auction::store::ledger;
+use auction::wire::{Bid, Event};
+use auction_testkit::{DevStack, DevStackConfig, eventually};
+use support::*;
+
+const AUCTIONS: usize = 3;
+/// The main auctions outlast the faults.
+const AUCTION_SECONDS: i64 = 230;
+/// Short auctions that close one after another while faults are injected.
+const CLOSING: usize = 8;
+const LEASE: &str = "3s";
+
+/// A bid a recording bidder sent, and whether it ever got an outcome.
+#[derive(Clone, Debug)]
+struct Sent {
+    bid: Bid,
+    last_sent: Instant,
+}
+
+/// A plain bidder that records everything it sends and retries (same `bid_id`) until it
+/// sees an outcome.
+async fn recording_bidder(
+    name: String,
+    master: Master,
+    recorder: Recorder,
+    auctions: Vec<String>,
+    sent: Arc<Mutex<HashMap<String, Sent>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut n = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !*stop.borrow() {
+        tick.tick().await;
+        n += 1;
+        let auction = &auctions[(n as usize) % auctions.len()];
+        let amount = recorder.next_min(auction).unwrap_or(100) + fastrand::u64(0..30);
+        let bid = Bid {
+            auction_id: AuctionId::parse(auction).expect("id"),
+            bid_id: format!("{name}-{n}"),
+            bidder: name.clone(),
+            amount,
+            max_amount: None,
+            traceparent: None,
+            sig: None,
+        };
+        let mut to_send = vec![bid.clone()];
+        {
+            let mut s = sent.lock().expect("lock");
+            s.insert(
+                bid.bid_id.clone(),
+                Sent {
+                    bid,
+                    last_sent: Instant::now(),
+                },
+            );
+            for entry in s.values_mut() {
+                if entry.bid.bidder == name
+                    && entry.last_sent.elapsed() > Duration::from_secs(1)
+                    && !recorder.outcome_of(&entry.bid.bid_id)
+                {
+                    entry.last_sent = Instant::now();
+                    to_send.push(entry.bid.clone());
+                }
+            }
+        }
+        if let Ok(link) = master.link(Duration::from_millis(200)).await {
+            let mut pipe = redis::pipe();
+            for b in &to_send {
+                pipe.cmd("PUBLISH")
+                    .arg(DEFAULT_COMMAND_CHANNEL)
+                    .arg(b.to_json())
+                    .ignore();
+            }
+            let mut conn = link.conn.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                master.report(link.generation, &e);
+            }
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+async fn master_index(stack: &DevStack) -> usize {
+    let port = stack.current_master_port().await.expect("master port");
+    stack.node_index(port).expect("known node")
+}
+
+/// Kills the master, waits for the promotion, restarts the old node and waits until it
+/// has resynced as a replica. Returns (seconds to promotion, kill instant).
+async fn kill_master(stack: &mut DevStack) -> (f64, Instant) {
+    let old = master_index(stack).await;
+    let old_port = stack.node_port(old);
+    let t = Instant::now();
+    stack.kill_node(old).expect("kill master");
+    stack
+        .wait_for_master_change(old_port, Duration::from_secs(60))
+        .await
+        .expect("failover after kill");
+    let promoted = t.elapsed().as_secs_f64();
+    stack.restart_node(old).await.expect("restart old master");
+    wait_rejoined(stack, old, "the old master to rejoin as a replica").await;
+    (promoted, t)
+}
+
+/// Waits up to 60 s until data node `index` is a connected replica of the current master.
+async fn wait_rejoined(stack: &DevStack, index: usize, what: &str) {
+    eventually(what, Duration::from_secs(60), || async {
+        stack
+            .wait_for_replica_link(index)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Waits until every Sentinel lists every replica as an up, linked replica that has
+/// reported that role for at least 3 s.
+async fn wait_sentinels_settled(stack: &DevStack) {
+    let want = stack.redis_ports().len() - 1;
+    let what = format!("every Sentinel to agree on {want} healthy replicas");
+    // Each check opens a connection to every Sentinel: every 250 ms is often enough.
+    eventually_every(
+        &what,
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || async {
+            let mut settled = true;
+            let mut seen = Vec::new();
+            for addr in stack.sentinel_addrs() {
+                let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    settled = false;
+                    seen.push(format!("{addr}: unreachable"));
+                    continue;
+                };
+                let replicas: Vec<Vec<String>> = redis::cmd("SENTINEL")
+                    .arg("replicas")
+                    .arg("mymaster")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                let healthy = replicas
+                    .iter()
+                    .filter(|fields| {
+                        let get = |k: &str| {
+                            fields
+                                .chunks(2)
+                                .find(|kv| kv[0] == k)
+                                .and_then(|kv| kv.get(1))
+                                .cloned()
+                                .unwrap_or_default()
+                        };
+                        !get("flags").contains("down")
+                            && !get("flags").contains("disconnected")
+                            && get("role-reported") == "slave"
+                            && get("master-link-status") == "ok"
+                            && get("role-reported-time").parse::<u64>().unwrap_or(0) >= 3000
+                    })
+                    .count();
+                settled &= healthy >= want;
+                seen.push(format!("{addr}: {healthy} healthy"));
+            }
+            if settled {
+                Ok(())
+            } else {
+                Err(seen.join(", "))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// The server process whose lock owner id holds `auction`'s lease (owner ids embed the pid).
+async fn holder_pid(stack: &DevStack, auction: &str) -> Option<u32> {
+    let mut conn = master_conn(stack).await;
+    let id = AuctionId::parse(auction).expect("id");
+    let value: Option<String> = redis::cmd("GET")
+        .arg(id.lock_key())
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    // OWNER#TOKEN where OWNER = host-pid-random
+    let owner = value?.split('#').next()?.to_owned();
+    let mut parts = owner.rsplit('-');
+    parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+/// The kinds of fault the run injects.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// SIGKILL of the master; Sentinel promotes a replica; the old node rejoins.
+    MasterKill,
+    /// SIGKILL of the master and an immediate restart on the same files (no failover).
+    MasterRestartInPlace,
+    /// SIGSTOP of every replica for 2.5 s (lag) while auctions close.
+    ReplicaStop,
+    /// SIGKILL of the server holding the most leases; restarted on its port.
+    ServerKill,
+    /// SIGSTOP of a lease holder for longer than its lease.
+    LeaseHolderStop,
+    /// `SENTINEL FAILOVER` while the old master stays up.
+    SentinelFailover,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::MasterKill => "master_sigkill_promotion",
+            Kind::MasterRestartInPlace => "master_sigkill_restart_in_place",
+            Kind::ReplicaStop => "replica_sigstop",
+            Kind::ServerKill => "server_sigkill",
+            Kind::LeaseHolderStop => "lease_holder_sigstop",
+            Kind::SentinelFailover => "sentinel_failover",
+        }
+    }
+}
+
+/// The faults of one run, in order: 20, every kind several times, mixed.
+const SCHEDULE: [Kind; 20] = [
+    Kind::MasterKill,
+    Kind::ReplicaStop,
+    Kind::ServerKill,
+    Kind::MasterRestartInPlace,
+    Kind::LeaseHolderStop,
+    Kind::SentinelFailover,
+    Kind::ReplicaStop,
+    Kind::MasterKill,
+    Kind::MasterRestartInPlace,
+    Kind::ServerKill,
+    Kind::LeaseHolderStop,
+    Kind::ReplicaStop,
+    Kind::MasterKill,
+    Kind::MasterRestartInPlace,
+    Kind::SentinelFailover,
+    Kind::ServerKill,
+    Kind::ReplicaStop,
+    Kind::MasterRestartInPlace,
+    Kind::LeaseHolderStop,
+    Kind::MasterKill,
+];
+
+/// One injected fault, for `figures.json`.
+#[derive(serde::Serialize)]
+struct Fault {
+    kind: &'static str,
+    at_ms: u64,
+    recovered_ms: u64,
+}
+
+/// Every replica stopped with SIGSTOP; continued when dropped, also when the test fails.
+struct StoppedReplicas(Vec<u32>);
+
+impl StoppedReplicas {
+    async fn all(stack: &DevStack) -> StoppedReplicas {
+        let master = stack.current_master_port().await.expect("master port");
+        let mut pids = Vec::new();
+        for port in stack.redis_ports().into_iter().filter(|p| *p != master) {
+            pids.push(node_pid(port).await);
+        }
+        let stopped = StoppedReplicas(pids);
+        stopped.signal("STOP");
+        stopped
+    }
+
+    fn signal(&self, sig: &str) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for StoppedReplicas {
+    fn drop(&mut self) {
+        self.signal("CONT");
+    }
+}
+
+/// The pid of the Redis node on `port` (`INFO server`; retried, bounded: a node that just
+/// restarted may be busy loading or resyncing).
+async fn node_pid(port: u16) -> u32 {
+    eventually(
+        "a node's process_id",
+        Duration::from_secs(30),
+        || async move {
+            let mut conn = loopback_client(port)
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            auction_testkit::info_field(&info, "process_id")
+                .and_then(|p| p.trim().parse().ok())
+                .ok_or_else(|| "no process_id".to_owned())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The direct children of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(tasks) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Waits until the master Sentinel names accepts writes and every other node is its
+/// connected replica.
+async fn wait_all_linked(stack: &DevStack) {
+    let port = eventually(
+        "Sentinel to name a master",
+        Duration::from_secs(30),
+        || async {
+            stack
+                .current_master_port()
+                .await
+                .map_err(|e| format!("{e:#}"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    stack
+        .wait_writable(port, Duration::from_secs(30))
+        .await
+        .expect("the master accepts writes");
+    for index in 0..stack.redis_ports().len() {
+        if stack.node_port(index) != port {
+            wait_rejoined(stack, index, "every replica to be linked").await;
+        }
+    }
+}
+
+/// The live server holding the most leases among `ids`, and the auctions it holds.
+async fn lease_heaviest(
+    stack: &DevStack,
+    servers: &[Proc],
+    ids: &[String],
+) -> (usize, HashSet<String>) {
+    let mut held: BTreeMap<u32, HashSet<String>> = BTreeMap::new();
+    for id in ids {
+        if let Some(pid) = holder_pid(stack, id).await {
+            held.entry(pid).or_default().insert(id.clone());
+        }
+    }
+    let victim = servers
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| held.get(&s.pid()).map_or(0, HashSet::len))
+        .map(|(i, _)| i)
+        .expect("two servers");
+    let auctions = held
+        .get(&servers[victim].pid())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !auctions.is_empty(),
+        "no server holds a lease while bids flow: {held:?}"
+    );
+    (victim, auctions)
+}
+
+/// Waits until a live server holds `target`'s lease; returns its index and token.
+async fn live_holder(stack: &DevStack, servers: &mut [Proc], target: &str) -> (usize, u64) {
+    let what = format!("a live server to hold the lease of {target}");
+    let holder = eventually(&what, Duration::from_secs(30), || {
+        let live: Vec<(usize, u32)> = servers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| s.running().then(|| (i, s.pid())))
+            .collect();
+        async move {
+            let holder = holder_pid(stack, target).await;
+            live.iter()
+                .find(|(_, pid)| Some(*pid) == holder)
+                .map(|(i, _)| *i)
+                .ok_or_else(|| format!("holder pid {holder:?}, live servers (index, pid) {live:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut conn = master_conn(stack).await;
+    let v: Option<String> = redis::cmd("GET")
+        .arg(AuctionId::parse(target).expect("id").lock_key())
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    let token = v
+        .and_then(|v| v.rsplit('#').next().and_then(|t| t.parse::<u64>().ok()))
+        .unwrap_or(0);
+    (holder, token)
+}
+
+/// A manual failover while bids flow (the old master stays up); returns seconds to the
+/// promotion, once the old master is a replica again.
+async fn sentinel_failover(stack: &DevStack) -> f64 {
+    let old_port = stack.current_master_port().await.expect("master");
+    // Sentinels must agree that every replica has been a healthy replica for a while:
+    // right after a rejoin, a Sentinel that still remembers the node as a returning master
+    // would demote it again the moment another Sentinel promotes it (a Sentinel race, not
+    // ours to test).
+    wait_sentinels_settled(stack).await;
+    // A Sentinel refuses while it still counts a previous failover (2 x failover-timeout)
+    // or while no replica is fit; ask each in turn until one accepts (bounded).
+    let t = Instant::now();
+    eventually_every(
+        "a Sentinel to accept SENTINEL FAILOVER",
+        Duration::from_secs(40),
+        Duration::from_millis(500),
+        || async {
+            let mut refusals = Vec::new();
+            for addr in stack.sentinel_addrs() {
+                let sentinel = redis::Client::open(format!("redis://{addr}/")).expect("client");
+                let Ok(mut sconn) = sentinel.get_multiplexed_async_connection().await else {
+                    refusals.push(format!("{addr}: unreachable"));
+                    continue;
+                };
+                match redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg("mymaster")
+                    .query_async::<String>(&mut sconn)
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    Err(e) => refusals.push(format!("{addr} refused: {e}")),
+                }
+            }
+            Err(refusals.join("; "))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    stack
+        .wait_for_master_change(old_port, Duration::from_secs(30))
+        .await
+        .expect("manual failover");
+    let promoted = t.elapsed().as_secs_f64();
+    let old = stack.node_index(old_port).expect("node");
+    wait_rejoined(
+        stack,
+        old,
+        "the old master to become a replica after the manual failover",
+    )
+    .await;
+    promoted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "20 mixed faults, about 5 minutes; not yet stable enough for CI (see the module doc): cargo test --test chaos_faults -- --ignored --nocapture"]
+async fn chaos_with_twenty_faults() {
+    tokio::time::timeout(Duration::from_secs(480), run())
+        .await
+        .expect("the chaos test exceeded its 480 s bound");
+}
+
+async fn run() {
+    let mut stack = DevStack::start(DevStackConfig {
+        failover_timeout: Duration::from_secs(5),
+        ..DevStackConfig::default()
+    })
+    .await
+    .expect("topology");
+    let master = Master::start(Settings::from_args(
+        &RedisArgs::local(&stack.sentinel_addrs()).expect("args"),
+    ));
+    let recorder = Recorder::on(master.clone())
+        .await
+        .expect("start the event recorder");
+    let ports = [free_port(), free_port()];
+    let server_env = |_: usize| vec![("LOCK_LEASE", LEASE.to_string())];
+    let mut servers: Vec<Proc> = (0..2)
+        .map(|i| server(&stack, &format!("server-{i}"), ports[i], &server_env(i)))
+        .collect();
+    for p in ports {
+        wait_health(p, "", "SERVING", Duration::from_secs(30)).await;
+    }
+    let mut admin = AuctionAdminClient::connect(format!("http://127.0.0.1:{}", ports[0]))
+        .await
+        .expect("admin");
+    let mut ids = Vec::new();
+    for i in 0..AUCTIONS {
+        let id = format!("chaos-{i}");
+        admin
+            .open_auction(pb::OpenAuctionRequest {
+                item: format!("lot {i}"),
+                starting_price: 100,
+                min_increment: 5,
+                auction_id: id.clone(),
+                duration: Some(prost_types::Duration {
+                    seconds: AUCTION_SECONDS,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("open");
+        ids.push(id);
+    }
+    for k in 0..CLOSING {
+        let id = format!("chaos-closing-{k}");
+        admin
+            .open_auction(pb::OpenAuctionRequest {
+                item: format!("closing lot {k}"),
+                starting_price: 100,
+                min_increment: 5,
+                auction_id: id.clone(),
+                duration: Some(prost_types::Duration {
+                    seconds: 25 + 22 * k as i64,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("open");
+        ids.push(id);
+    }
+    // Our bidders (processes) and the recording bidders (in-process).
+    let mut clients: Vec<Proc> = (0..6)
+        .map(|i| {
+            client(
+                &stack,
+                &format!("client-{i}"),
+                ports[i % 2],
+                &[
+                    ("AUCTION_ID", ids[i % AUCTIONS].clone()),
+                    ("BID_INTERVAL", "300ms".into()),
+                    ("BID_RETRY_AFTER", "1s".into()),
+                    ("MAX_BID", "100000000".into()),
+                    ("CLOSE_GRACE", "60s".into()),
+                ],
+            )
+        })
+        .collect();
+    let sent: Arc<Mutex<HashMap<String, Sent>>> = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let _bidders: Vec<TaskGuard> = (0..4)
+        .map(|i| {
+            TaskGuard::new(
+                "recording bidder",
+                tokio::spawn(recording_bidder(
+                    format!("rec-{i}"),
+                    master.clone(),
+                    recorder.clone(),
+                    ids.clone(),
+                    sent.clone(),
+                    stop_rx.clone(),
+                )),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let accepted_so_far = |r: &Recorder| {
+        r.timed()
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::BidAccepted { .. }))
+            .count()
+    };
+    eventually(
+        "bids to start flowing (20 accepted)",
+        Duration::from_secs(20),
+        || async {
+            match accepted_so_far(&recorder) {
+                n if n >= 20 => Ok(()),
+                n => Err(format!("{n} accepted")),
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // --- Faults -----------------------------------------------------------------------
+    let mut promotions = Vec::new();
+    let mut kills = Vec::new();
+    let mut faults: Vec<Fault> = Vec::new();
+    let mut manual_promotions = Vec::new();
+    let mut takeovers = Vec::new();
+    let mut pauses: Vec<(String, u64)> = Vec::new();
+    let main_ids: Vec<String> = ids[..AUCTIONS].to_vec();
+    for (round, kind) in SCHEDULE.iter().copied().enumerate() {
+        let at = started.elapsed();
+        let t = Instant::now();
+        match kind {
+            Kind::MasterKill => {
+                wait_sentinels_settled(&stack).await;
+                let (promoted, t) = kill_master(&mut stack).await;
+                eprintln!("chaos: master kill promoted after {promoted:.2}s");
+                promotions.push(promoted);
+                kills.push(t);
+            }
+            Kind::MasterRestartInPlace => {
+                // Killed and started again at once, well under Sentinel's down-after: no
+                // failover. The process dies, the machine does not: everything it
+                // acknowledged reached the AOF file (written before replying), so it comes
+                // back with it and its replicas resync from it.
+                let old = master_index(&stack).await;
+                // Its forked children (an RDB transfer to a replica) would outlive it and
+                // keep its port: they die with it, as in a container.
+                let children = children_of(node_pid(stack.node_port(old)).await);
+                stack.kill_node(old).expect("kill master");
+                for child in children {
+                    let _ = std::process::Command::new("kill")
+                        .arg("-KILL")
+                        .arg(child.to_string())
+                        .status();
+                }
+                // A start can fail while a child the killed process forked (an RDB
+                // transfer) still holds the port: then try again (bounded); Sentinel may
+                // fail over meanwhile, which the wait below accepts.
+                let mut attempts = 0;
+                while let Err(e) = stack.restart_node(old).await {
+                    attempts += 1;
+                    eprintln!("chaos: restart in place failed (attempt {attempts}): {e:#}");
+                    assert!(attempts < 3, "restart in place failed {attempts} times");
+                }
+                wait_all_linked(&stack).await;
+            }
+            Kind::ReplicaStop => {
+                // Every replica lags for 2.5 s (shorter than min-replicas-max-lag): writes
+                // and closes go on, announcements are held back by WAIT.
+                let paused = StoppedReplicas::all(&stack).await;
+                tokio::time::sleep(Duration::from_millis(2500)).await; // the fault itself
+                drop(paused);
+                wait_all_linked(&stack).await;
+            }
+            Kind::ServerKill => {
+                let (victim, victim_auctions) = lease_heaviest(&stack, &servers, &main_ids).await;
+                let t_server_kill = Instant::now();
+                servers[victim].signal("KILL");
+                servers[victim]
+                    .wait_exit(Duration::from_secs(10))
+                    .await
+                    .expect("killed");
+                let takeover = eventually(
+                    "a bid accepted on the killed server's auctions",
+                    Duration::from_secs(30),
+                    || async {
+                        recorder
+                            .first_accept_after(t_server_kill, Some(&victim_auctions))
+                            .map(|at| at.duration_since(t_server_kill).as_secs_f64())
+                            .ok_or_else(|| format!("none on {victim_auctions:?} since the kill"))
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+                eprintln!(
+                    "chaos: server kill -> first accepted bid on its auctions after {takeover:.2}s"
+                );
+                takeovers.push(takeover);
+                servers[victim] = server(
+                    &stack,
+                    &format!("server-{victim}-r{round}"),
+                    ports[victim],
+                    &server_env(victim),
+                );
+                wait_health(ports[victim], "", "SERVING", Duration::from_secs(30)).await;
+            }
+            Kind::LeaseHolderStop => {
+                let target = main_ids[round % AUCTIONS].clone();
+                let (paused, token) = live_holder(&stack, &mut servers, &target).await;
+                servers[paused].signal("STOP");
+                tokio::time::sleep(Duration::from_secs(5)).await; // the fault: > LEASE
+                servers[paused].signal("CONT");
+                eprintln!("chaos: paused the holder of {target} (token {token}) for 5s");
+                pauses.push((target, token));
+            }
+            Kind::SentinelFailover => {
+                let promoted = sentinel_failover(&stack).await;
+                eprintln!("chaos: SENTINEL FAILOVER promoted after {promoted:.2}s");
+                manual_promotions.push(promoted);
+            }
+        }
+        let recovered = t.elapsed();
+        eprintln!(
+            "chaos: fault {} of {}: {} at {:.1}s, recovered after {:.2}s",
+            round + 1,
+            SCHEDULE.len(),
+            kind.name(),
+            at.as_secs_f64(),
+            recovered.as_secs_f64()
+        );
+        faults.push(Fault {
+            kind: kind.name(),
+            at_ms: at.as_millis() as u64,
+            recovered_ms: recovered.as_millis() as u64,
+        });
+    }
+
+    // --- Wind down: let every auction close, then every recorded bid resolve. ------------
+    // Each check opens a connection to the master: every 250 ms is often enough.
+    let finals = eventually_every(
+        "every auction to close",
+        Duration::from_secs(AUCTION_SECONDS as u64 + 60),
+        Duration::from_millis(250),
+        || async {
+            let mut conn = master_conn(&stack).await;
+            let mut finals = HashMap::new();
+            let mut open = Vec::new();
+            for id in &ids {
+                match ledger::get(&mut conn, &AuctionId::parse(id).expect("id")).await {
+                    Ok(Some(rec)) if !rec.open => {
+                        finals.insert(id.clone(), rec);
+                    }
+                    Ok(Some(_)) => open.push(format!("{id} open")),
+                    Ok(None) => open.push(format!("{id} missing")),
+                    Err(e) => open.push(format!("{id}: {e}")),
+                }
+            }
+            if open.is_empty() {
+                Ok(finals)
+            } else {
+                Err(open.join(", "))
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // Best effort: bids still without an outcome after 30 s are judged below.
+    let resolved = eventually(
+        "every recorded bid to get an outcome",
+        Duration::from_secs(30),
+        || async {
+            let unresolved = sent
+                .lock()
+                .expect("lock")
+                .values()
+                .filter(|s| !recorder.outcome_of(&s.bid.bid_id))
+                .count();
+            if unresolved == 0 {
+                Ok(())
+            } else {
+                Err(format!("{unresolved} unresolved"))
+            }
+        },
+    )
+    .await;
+    if let Err(e) = resolved {
+        eprintln!("chaos: {e:#}");
+    }
+    let _ = stop_tx.send(true);
+    // Our bidders saw their auction close (by event, or by resync from stored state after
+    // missing it) and exited cleanly.
+    let mut gaps = 0;
+    for c in clients.iter_mut() {
+        let code = c
+            .wait_exit(Duration::from_secs(60))
+            .await
+            .expect("client exits after its auction closed");
+        assert_eq!(code, 0, "{} exit code", c.name);
+        gaps += c.log().matches("missed events (seq gap)").count();
+    }
+
+    // --- The history checker ---------------------------------------------------------------
+    let events: Vec<Event> = recorder.timed().into_iter().map(|(_, e)| e).collect();
+    let mut conn = master_conn(&stack).await;
+    let mut lost = Vec::new();
+    let mut double_accepts = Vec::new();
+    let mut wrong_winners = Vec::new();
+    let mut closed_twice = Vec::new();
+    let mut late_accepts = Vec::new();
+    let mut total_accepted = 0usize;
+    let mut fences_of: HashMap<String, Vec<u64>> = HashMap::new();
+    for id in &ids {
+        let aid = AuctionId::parse(id).expect("id");
+        let rec = &finals[id];
+        let history = ledger::history(&mut conn, &aid, "-", 1_000_000)
+            .await
+            .expect("history");
+        total_accepted += history.len();
+        fences_of.insert(id.clone(), assert_history_sound(id, &history));
+        let mut by_bid: HashMap<&str, &ledger::HistoryEntry> = HashMap::new();
+        for (_, h) in &history {
+            if by_bid.insert(h.bid_id.as_str(), h).is_some() {
+                double_accepts.push(format!("{id}: {} stored twice", h.bid_id));
+            }
+        }
+        if history.iter().any(|(_, h)| h.at_ms >= rec.deadline_ms) {
+            late_accepts.push(id.clone());
+        }
+        let best = history
+            .last()
+            .map(|(_, h)| (h.amount, h.bidder.clone(), h.bid_id.clone()));
+        if rec.winner != best.filter(|(a, _, _)| *a >= rec.reserve_price) {
+            wrong_winners.push(format!("{id}: stored winner {:?}", rec.winner));
+        }
+        let mut by_seq: HashMap<u64, String> = HashMap::new();
+        let mut closes = HashSet::new();
+        for e in of(&events, id) {
+            if let Some(seq) = e.seq() {
+                let json = e.to_json();
+                let first = by_seq.entry(seq).or_insert_with(|| json.clone());
+                assert_eq!(*first, json, "{id}: two different events carry seq {seq}");
+            }
+            match &e {
+                Event::BidAccepted {
+                    bid_id,
+                    amount,
+                    seq,
+                    ..
+                } => match by_bid.get(bid_id.as_str()) {
+                    Some(h) if (h.amount, h.seq) == (*amount, *seq) => {}
+                    Some(h) => double_accepts.push(format!(
+                        "{id}: announced {bid_id} at {amount} seq {seq}, stored at {} seq {}",
+                        h.amount, h.seq
+                    )),
+                    None => lost.push(bid_id.clone()),
+                },
+                Event::AuctionClosed { winner, amount, .. } => {
+                    // Every announced close is the stored one: an auction that closed again
+                    // with another outcome (reopened by a lost write) shows up here.
+                    let stored = rec.winner.as_ref().map(|(a, w, _)| (w.clone(), *a));
+                    if stored != winner.clone().zip(*amount) {
+                        closed_twice.push(format!(
+                            "{id}: announced {winner:?} {amount:?}, stored {stored:?}"
+                        ));
+                    }
+                    closes.insert(e.to_json());
+                }
+                _ => {}
+            }
+        }
+        if closes.len() > 1 {
+            closed_twice.push(format!("{id}: closed more than once: {closes:?}"));
+        }
+    }
+    // Fences never go backwards (checked above), so once a newer holder wrote, a paused
+    // holder's token never wrote again.
+    for (id, token) in &pauses {
+        let later = fences_of[id].iter().skip_while(|f| **f <= *token).count();
+        eprintln!(
+            "chaos: {id}: {later} accepted bids written with a newer token than the paused holder's {token}"
+        );
+        assert!(
+            *token > 0 && later > 0,
+            "{id}: another server took over from the paused holder (token {token})"
+        );
+    }
+    let sent = sent.lock().expect("lock");
+    let unconfirmed: Vec<&String> = sent.keys().filter(|b| !recorder.outcome_of(b)).collect();
+    let recorded_bids = sent.len();
+    for b in &unconfirmed {
+        let auction = sent[*b].bid.auction_id.to_string();
+        assert!(
+            !finals[&auction].open,
+            "unconfirmed bid {b} on an auction that did not close"
+        );
+    }
+    let mut first_accepts: Vec<f64> = kills
+        .iter()
+        .map(|t| {
+            recorder
+                .first_accept_after(*t + Duration::from_millis(100), None)
+                .map(|a| a.duration_since(*t).as_secs_f64())
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    let mut promo = promotions.clone();
+    let figures = serde_json::json!({
+        "faults": faults,
+        "faults_total": faults.len(),
+        "accepted": total_accepted,
+        "lost_acknowledged": lost.len(),
+        "double_accepts": double_accepts.len(),
+        "wrong_winners": wrong_winners.len(),
+        "closed_twice": closed_twice.len(),
+        "unconfirmed": unconfirmed.len(),
+        "auctions": ids.len(),
+        "master_kills": kills.len(),
+        "sentinel_promotion_s": {"each": promotions, "median": median(&mut promo), "max": promo.iter().cloned().fold(0.0, f64::max)},
+        "manual_failover_promotion_s": manual_promotions,
+        "kill_to_first_accepted_bid_s": {"each": first_accepts.clone(), "median": median(&mut first_accepts), "max": first_accepts.iter().cloned().fold(0.0, f64::max)},
+        "server_kill_to_first_accepted_bid_s": takeovers,
+        "recording_bidders_bids_sent": recorded_bids,
+        "events_seen": events.len(),
+        "seq_gaps_seen_and_resynced_by_clients": gaps,
+        "partitions": "not run: network-namespace partitions are not implemented yet",
+        "run_seconds": started.elapsed().as_secs_f64(),
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chaos-faults");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(
+        dir.join("figures.json"),
+        serde_json::to_string_pretty(&figures).unwrap_or_default(),
+    );
+    eprintln!(
+        "chaos figures: {}",
+        serde_json::to_string_pretty(&figures).unwrap_or_default()
+    );
+    assert!(faults.len() >= 20, "only {} faults", faults.len());
+    assert!(lost.is_empty(), "acknowledged bids lost: {lost:?}");
+    assert!(
+        double_accepts.is_empty(),
+        "double accepts: {double_accepts:?}"
+    );
+    assert!(wrong_winners.is_empty(), "wrong winners: {wrong_winners:?}");
+    assert!(closed_twice.is_empty(), "closed twice: {closed_twice:?}");
+    assert!(
+        late_accepts.is_empty(),
+        "bids accepted at or after the deadline: {late_accepts:?}"
+    );
+}
