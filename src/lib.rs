@@ -10,8 +10,9 @@
 //!   [`proto`]: the generated gRPC API (`proto/auction/v1`).
 //! - [`link`]: reaching Redis: the master found (and re-found) through Sentinel,
 //!   subscriptions that follow it, script replies.
-//! - [`store`]: the protocol inside Redis: the fenced per-auction lease ([`store::lock`])
-//!   and the auction state changed only by fenced Lua scripts ([`store::ledger`]).
+//! - [`store`]: the protocol inside Redis: the fenced per-auction lease ([`store::lock`]),
+//!   the auction state changed only by fenced Lua scripts ([`store::ledger`]), and bidder
+//!   keys and bid signatures ([`store::bidders`]).
 //! - [`control`]: gRPC plumbing both binaries serve (health that follows the data plane,
 //!   reflection) and the event hub behind live watches.
 //! - [`server`]: the auction server: a bid's path from intake through the router to the
