@@ -1100,3 +1100,47 @@ async fn info_number(conn: &mut MultiplexedConnection, section: &str, field: &st
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("INFO {section} has no number {field}"))
 }
+
+/// A failover that loses the lock, the token counter and the fence (none had reached the
+/// promoted replica) can hand the same process the same token again; its old lease must
+/// still be refused, since a paused worker of this process may hold it.
+#[tokio::test]
+async fn a_token_handed_out_again_after_a_lost_counter_does_not_revive_an_old_lease() {
+    let stack = single().await;
+    let mut conn = master_conn(&stack).await;
+    let id = AuctionId::parse("reissued").expect("id");
+    let old = take(&mut conn, &id, "s", Duration::from_secs(30), false).await;
+    ledger::open(&mut conn, &old, &spec())
+        .await
+        .expect("open")
+        .expect("new");
+    // What a promoted replica that had none of the lease's writes would hold.
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(id.lock_key())
+        .arg(id.fence_key())
+        .ignore()
+        .cmd("HDEL")
+        .arg(id.state_key())
+        .arg("fence")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("forget the lease, the counter and the fence");
+    let new = take(&mut conn, &id, "s", Duration::from_secs(30), true).await;
+    assert_eq!(
+        new.token(),
+        old.token(),
+        "the same token is handed out again"
+    );
+    assert_ne!(new.value(), old.value(), "but never the same lock value");
+    let stale = ledger::place_bids(&mut conn, &old, &[bid(&id, "b1", "ann", 100)]).await;
+    assert!(
+        matches!(stale, Err(LedgerError::Fenced)),
+        "the old lease is fenced off: {stale:?}"
+    );
+    let judged = ledger::place_bids(&mut conn, &new, &[bid(&id, "b1", "ann", 100)])
+        .await
+        .expect("the new lease writes");
+    assert!(matches!(judged[0].event, Event::BidAccepted { .. }));
+}

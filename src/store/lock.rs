@@ -9,7 +9,7 @@
 //! is not older than the last writer's. Renew and release take many leases per call (see
 //! [`crate::server::lease_keeper`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,9 @@ pub enum Acquire {
     UnknownAuction,
 }
 
+/// Acquisitions made by this process, numbered into every lock value it sets.
+static ACQUISITIONS: AtomicU64 = AtomicU64::new(0);
+
 /// Tries once to take the lease on `auction` for `owner`. With `must_exist`, an auction
 /// that does not exist creates no keys at all (so bids for made-up ids cost no memory).
 pub async fn acquire<C: ConnectionLike + Send>(
@@ -145,12 +148,16 @@ pub async fn acquire<C: ConnectionLike + Send>(
     ttl: Duration,
     must_exist: bool,
 ) -> RedisResult<Acquire> {
+    // Every acquisition gets a value of its own, even when a failover lost both the token
+    // counter and the fence and this process is handed a token it held before: a stale
+    // lease of ours then differs from the new one and is refused by the fence.
+    let owner = format!("{owner}.{}", ACQUISITIONS.fetch_add(1, Ordering::Relaxed));
     let sent = Instant::now();
     let reply: Vec<Value> = ACQUIRE
         .key(auction.state_key())
         .key(auction.lock_key())
         .key(auction.fence_key())
-        .arg(owner)
+        .arg(&owner)
         .arg(ttl.as_millis() as u64)
         .arg(if must_exist { "1" } else { "0" })
         .invoke_async(conn)
