@@ -223,6 +223,7 @@ impl Worker<'_> {
 
     /// Judges `bids` and empties it on success; leaves it intact on failure.
     async fn judge_all(&mut self, bids: &mut Vec<Bid>) -> Result<(), Stop> {
+        self.refuse_unauthentic(bids);
         if bids.is_empty() {
             return Ok(());
         }
@@ -267,11 +268,6 @@ impl Worker<'_> {
     }
 
     async fn judge(&mut self, bids: &[Bid]) -> Result<(), Stop> {
-        let authentic = self.authentic(bids);
-        if authentic.is_empty() {
-            return Ok(());
-        }
-        let bids = &authentic[..];
         let started = Instant::now();
         let n = bids.len() as u64;
         let token = self.lease.as_ref().map(Lease::token).unwrap_or(0);
@@ -344,33 +340,25 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// The bids that may be judged: all of them, or with `BID_AUTH=required` those signed
-    /// by their bidder's registered key. The others are answered `unauthenticated`, never
-    /// judged and nothing stored, so a retry of an already judged bid gets its first
-    /// outcome only when it is correctly signed.
-    fn authentic(&self, bids: &[Bid]) -> Vec<Bid> {
+    /// With `BID_AUTH=required`, takes out of `bids` those not signed by their bidder's
+    /// registered key and answers them `unauthenticated`: never judged and nothing stored,
+    /// so a retry of an already judged bid gets its first outcome only when correctly signed.
+    fn refuse_unauthentic(&self, bids: &mut Vec<Bid>) {
         let Some(keys) = &self.ctx.auth else {
-            return bids.to_vec();
+            return;
         };
-        let mut authentic = Vec::with_capacity(bids.len());
-        for bid in bids {
-            match keys.verify(bid) {
-                Ok(()) => authentic.push(bid.clone()),
-                Err(why) => {
-                    let c = &self.ctx.metrics;
-                    inc(&c.bids_unauthenticated);
-                    c.rejected(RejectReason::Unauthenticated.as_str());
-                    debug!(bid_id = %bid.bid_id, bidder = %bid.bidder, why, "refused an unauthenticated bid");
-                    let event = Event::refusal(
-                        bid.clone(),
-                        RejectReason::Unauthenticated,
-                        Some(why.into()),
-                    );
-                    let _ = self.ctx.refusals.try_send(event);
-                }
-            }
-        }
-        authentic
+        bids.retain(|bid| {
+            let Err(why) = keys.verify(bid) else {
+                return true;
+            };
+            let c = &self.ctx.metrics;
+            inc(&c.bids_unauthenticated);
+            c.rejected(RejectReason::Unauthenticated.as_str());
+            debug!(bid_id = %bid.bid_id, bidder = %bid.bidder, why, "refused an unauthenticated bid");
+            let event = Event::refusal(bid.clone(), RejectReason::Unauthenticated, Some(why.into()));
+            let _ = self.ctx.refusals.try_send(event);
+            false
+        });
     }
 
     async fn admin(&mut self, work: Work) -> Result<(), Stop> {
