@@ -43,17 +43,23 @@ impl Waiting {
     /// waiting.
     fn admit(&self, bid: &Bid, share: u32, contended: bool) -> bool {
         let mut waiting = self.lock();
-        let n = waiting.entry(bid.bidder.clone()).or_insert(0);
-        if contended && *n >= share {
-            return false;
+        match waiting.get_mut(&bid.bidder) {
+            Some(n) if contended && *n >= share => false,
+            Some(n) => {
+                *n += 1;
+                true
+            }
+            // The name is copied only for a bidder with nothing waiting yet.
+            None => {
+                waiting.insert(bid.bidder.clone(), 1);
+                true
+            }
         }
-        *n += 1;
-        true
     }
 
     /// Counts a bid in whatever the share (handed-over bids, already accepted by a router).
     fn count_in(&self, bid: &Bid) {
-        *self.lock().entry(bid.bidder.clone()).or_insert(0) += 1;
+        self.admit(bid, 0, false);
     }
 
     fn count_out(&self, work: &Work) {
