@@ -25,15 +25,22 @@ const SUBSCRIBE_LIMIT: Duration = Duration::from_secs(20);
 /// Messages in flight between the subscription and the recording task.
 const BACKLOG: usize = 65_536;
 
-type Seen = Arc<Mutex<Vec<(Instant, Event)>>>;
-/// Messages that are not v1 events (the prototype's dialect), as text.
-type Other = Arc<Mutex<Vec<String>>>;
+/// What was heard, in arrival order.
+#[derive(Default)]
+struct Record {
+    events: Vec<Event>,
+    /// When each of `events` arrived.
+    arrived: Vec<Instant>,
+    /// Messages that are not v1 events (the prototype's dialect), as text.
+    others: Vec<String>,
+}
+
+type Seen = Arc<Mutex<Record>>;
 
 /// Records every event on the event channel. Cloning shares the record.
 #[derive(Clone)]
 pub struct Recorder {
-    events: Seen,
-    others: Other,
+    seen: Seen,
     notify: Arc<Notify>,
     _listening: Arc<(Subscription, TaskGuard)>,
 }
@@ -50,19 +57,23 @@ impl Recorder {
     pub async fn on(master: Master) -> anyhow::Result<Recorder> {
         let (tx, mut rx) = mpsc::channel(BACKLOG);
         let subscription = Subscription::start(master, vec![DEFAULT_EVENT_CHANNEL.into()], tx);
-        let events: Seen = Arc::default();
-        let others: Other = Arc::default();
+        let seen: Seen = Arc::default();
         let notify = Arc::new(Notify::new());
-        let (seen, other, wake) = (events.clone(), others.clone(), notify.clone());
+        let (record, wake) = (seen.clone(), notify.clone());
         let task = tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
-                match Event::from_json(&msg.payload) {
-                    Ok(e) => lock(&seen).push((Instant::now(), e)),
-                    Err(_) => other
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
+                let decoded = Event::from_json(&msg.payload);
+                let mut r = lock(&record);
+                match decoded {
+                    Ok(e) => {
+                        r.events.push(e);
+                        r.arrived.push(Instant::now());
+                    }
+                    Err(_) => r
+                        .others
                         .push(String::from_utf8_lossy(&msg.payload).into_owned()),
                 }
+                drop(r);
                 wake.notify_waiters();
             }
         });
@@ -76,8 +87,7 @@ impl Recorder {
             })?
             .map_err(|_| anyhow::anyhow!("the event recorder's subscription task ended"))?;
         Ok(Recorder {
-            events,
-            others,
+            seen,
             notify,
             _listening: Arc::new((subscription, TaskGuard::new("event recorder", task))),
         })
@@ -85,20 +95,22 @@ impl Recorder {
 
     /// Every event so far, in arrival order.
     pub fn events(&self) -> Vec<Event> {
-        lock(&self.events).iter().map(|(_, e)| e.clone()).collect()
+        lock(&self.seen).events.clone()
     }
 
     /// Every event so far with its arrival time.
     pub fn timed(&self) -> Vec<(Instant, Event)> {
-        lock(&self.events).clone()
+        let r = lock(&self.seen);
+        r.arrived
+            .iter()
+            .copied()
+            .zip(r.events.iter().cloned())
+            .collect()
     }
 
     /// Every message that was not a v1 event (e.g. the prototype dialect's), in order.
     pub fn others(&self) -> Vec<String> {
-        self.others
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.seen).others.clone()
     }
 
     /// Waits until `pred` holds over the events seen so far; panics after `limit` with
@@ -113,6 +125,7 @@ impl Recorder {
     }
 
     /// [`Recorder::wait_until`] over the v1 events and the other messages (as text).
+    /// `pred` runs under the record's lock: it must not call back into the recorder.
     pub async fn wait_for<T>(
         &self,
         what: &str,
@@ -124,7 +137,12 @@ impl Recorder {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(v) = pred(&self.events(), &self.others()) {
+            // Judged on the record itself, under its lock, not on a copy per wake-up.
+            let found = {
+                let r = lock(&self.seen);
+                pred(&r.events, &r.others)
+            };
+            if let Some(v) = found {
                 return v;
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
@@ -145,7 +163,7 @@ impl Recorder {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some((_, e)) = lock(&self.events).get(i) {
+            if let Some(e) = lock(&self.seen).events.get(i) {
                 return Some(e.clone());
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
@@ -177,14 +195,15 @@ impl Recorder {
 
     /// Whether any outcome of `bid_id` was seen.
     pub fn outcome_of(&self, bid_id: &str) -> bool {
-        lock(&self.events)
+        lock(&self.seen)
+            .events
             .iter()
-            .any(|(_, e)| e.bid_id() == Some(bid_id))
+            .any(|e| e.bid_id() == Some(bid_id))
     }
 
     /// `next_min` of the latest `bid_accepted` of `auction`.
     pub fn next_min(&self, auction: &str) -> Option<u64> {
-        lock(&self.events).iter().rev().find_map(|(_, e)| match e {
+        lock(&self.seen).events.iter().rev().find_map(|e| match e {
             Event::BidAccepted {
                 auction_id,
                 next_min,
@@ -200,7 +219,8 @@ impl Recorder {
         t: Instant,
         auctions: Option<&HashSet<String>>,
     ) -> Option<Instant> {
-        lock(&self.events).iter().find_map(|(at, e)| match e {
+        let r = lock(&self.seen);
+        r.arrived.iter().zip(&r.events).find_map(|(at, e)| match e {
             Event::BidAccepted { auction_id, .. }
                 if *at > t && auctions.is_none_or(|set| set.contains(auction_id)) =>
             {
@@ -212,6 +232,6 @@ impl Recorder {
 }
 
 /// The record stays usable after a panicking reader: it is only ever appended to.
-fn lock(seen: &Seen) -> MutexGuard<'_, Vec<(Instant, Event)>> {
+fn lock(seen: &Seen) -> MutexGuard<'_, Record> {
     seen.lock().unwrap_or_else(|p| p.into_inner())
 }
