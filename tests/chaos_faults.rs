@@ -17,6 +17,7 @@
 //! now retried with bounds. Partitions in network namespaces are not in it yet. Figures go
 //! to `target/chaos-faults/figures.json`.
 
+mod chaos_common;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,11 +28,12 @@ use auction::keyspace::AuctionId;
 use auction::link::sentinel::{Master, Settings};
 use auction::proto::v1 as pb;
 use auction::proto::v1::auction_admin_client::AuctionAdminClient;
-use auction::runtime::config::{DEFAULT_COMMAND_CHANNEL, RedisArgs};
+use auction::runtime::config::RedisArgs;
 use auction::runtime::task::TaskGuard;
 use auction::store::ledger;
-use auction::wire::{Bid, Event};
+use auction::wire::Event;
 use auction_testkit::{DevStack, DevStackConfig, eventually};
+use chaos_common::*;
 use support::*;
 
 const AUCTIONS: usize = 3;
@@ -41,193 +43,6 @@ const AUCTION_SECONDS: i64 = 230;
 const CLOSING: usize = 8;
 const LEASE: &str = "3s";
 
-/// A bid a recording bidder sent, and whether it ever got an outcome.
-#[derive(Clone, Debug)]
-struct Sent {
-    bid: Bid,
-    last_sent: Instant,
-}
-
-/// A plain bidder that records everything it sends and retries (same `bid_id`) until it
-/// sees an outcome.
-async fn recording_bidder(
-    name: String,
-    master: Master,
-    recorder: Recorder,
-    auctions: Vec<String>,
-    sent: Arc<Mutex<HashMap<String, Sent>>>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut n = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    while !*stop.borrow() {
-        tick.tick().await;
-        n += 1;
-        let auction = &auctions[(n as usize) % auctions.len()];
-        let amount = recorder.next_min(auction).unwrap_or(100) + fastrand::u64(0..30);
-        let bid = Bid {
-            auction_id: AuctionId::parse(auction).expect("id"),
-            bid_id: format!("{name}-{n}"),
-            bidder: name.clone(),
-            amount,
-            max_amount: None,
-            traceparent: None,
-            sig: None,
-        };
-        let mut to_send = vec![bid.clone()];
-        {
-            let mut s = sent.lock().expect("lock");
-            s.insert(
-                bid.bid_id.clone(),
-                Sent {
-                    bid,
-                    last_sent: Instant::now(),
-                },
-            );
-            for entry in s.values_mut() {
-                if entry.bid.bidder == name
-                    && entry.last_sent.elapsed() > Duration::from_secs(1)
-                    && !recorder.outcome_of(&entry.bid.bid_id)
-                {
-                    entry.last_sent = Instant::now();
-                    to_send.push(entry.bid.clone());
-                }
-            }
-        }
-        if let Ok(link) = master.link(Duration::from_millis(200)).await {
-            let mut pipe = redis::pipe();
-            for b in &to_send {
-                pipe.cmd("PUBLISH")
-                    .arg(DEFAULT_COMMAND_CHANNEL)
-                    .arg(b.to_json())
-                    .ignore();
-            }
-            let mut conn = link.conn.clone();
-            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-                master.report(link.generation, &e);
-            }
-        }
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
-async fn master_index(stack: &DevStack) -> usize {
-    let port = stack.current_master_port().await.expect("master port");
-    stack.node_index(port).expect("known node")
-}
-
-/// Kills the master, waits for the promotion, restarts the old node and waits until it
-/// has resynced as a replica. Returns (seconds to promotion, kill instant).
-async fn kill_master(stack: &mut DevStack) -> (f64, Instant) {
-    let old = master_index(stack).await;
-    let old_port = stack.node_port(old);
-    let t = Instant::now();
-    stack.kill_node(old).expect("kill master");
-    stack
-        .wait_for_master_change(old_port, Duration::from_secs(60))
-        .await
-        .expect("failover after kill");
-    let promoted = t.elapsed().as_secs_f64();
-    stack.restart_node(old).await.expect("restart old master");
-    wait_rejoined(stack, old, "the old master to rejoin as a replica").await;
-    (promoted, t)
-}
-
-/// Waits up to 60 s until data node `index` is a connected replica of the current master.
-async fn wait_rejoined(stack: &DevStack, index: usize, what: &str) {
-    eventually(what, Duration::from_secs(60), || async {
-        stack
-            .wait_for_replica_link(index)
-            .await
-            .map_err(|e| format!("{e:#}"))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
-}
-
-/// Waits until every Sentinel lists every replica as an up, linked replica that has
-/// reported that role for at least 3 s.
-async fn wait_sentinels_settled(stack: &DevStack) {
-    let want = stack.redis_ports().len() - 1;
-    let what = format!("every Sentinel to agree on {want} healthy replicas");
-    // Each check opens a connection to every Sentinel: every 250 ms is often enough.
-    eventually_every(
-        &what,
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || async {
-            let mut settled = true;
-            let mut seen = Vec::new();
-            for addr in stack.sentinel_addrs() {
-                let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    settled = false;
-                    seen.push(format!("{addr}: unreachable"));
-                    continue;
-                };
-                let replicas: Vec<Vec<String>> = redis::cmd("SENTINEL")
-                    .arg("replicas")
-                    .arg("mymaster")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                let healthy = replicas
-                    .iter()
-                    .filter(|fields| {
-                        let get = |k: &str| {
-                            fields
-                                .chunks(2)
-                                .find(|kv| kv[0] == k)
-                                .and_then(|kv| kv.get(1))
-                                .cloned()
-                                .unwrap_or_default()
-                        };
-                        !get("flags").contains("down")
-                            && !get("flags").contains("disconnected")
-                            && get("role-reported") == "slave"
-                            && get("master-link-status") == "ok"
-                            && get("role-reported-time").parse::<u64>().unwrap_or(0) >= 3000
-                    })
-                    .count();
-                settled &= healthy >= want;
-                seen.push(format!("{addr}: {healthy} healthy"));
-            }
-            if settled {
-                Ok(())
-            } else {
-                Err(seen.join(", "))
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
-}
-
-/// The server process whose lock owner id holds `auction`'s lease (owner ids embed the pid).
-async fn holder_pid(stack: &DevStack, auction: &str) -> Option<u32> {
-    let mut conn = master_conn(stack).await;
-    let id = AuctionId::parse(auction).expect("id");
-    let value: Option<String> = redis::cmd("GET")
-        .arg(id.lock_key())
-        .query_async(&mut conn)
-        .await
-        .ok()?;
-    // OWNER#TOKEN where OWNER = host-pid-random
-    let owner = value?.split('#').next()?.to_owned();
-    let mut parts = owner.rsplit('-');
-    parts.next()?;
-    parts.next()?.parse().ok()
-}
-
-/// The kinds of fault the run injects.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     /// SIGKILL of the master; Sentinel promotes a replica; the old node rejoins.
@@ -287,62 +102,6 @@ struct Fault {
     kind: &'static str,
     at_ms: u64,
     recovered_ms: u64,
-}
-
-/// Every replica stopped with SIGSTOP; continued when dropped, also when the test fails.
-struct StoppedReplicas(Vec<u32>);
-
-impl StoppedReplicas {
-    async fn all(stack: &DevStack) -> StoppedReplicas {
-        let master = stack.current_master_port().await.expect("master port");
-        let mut pids = Vec::new();
-        for port in stack.redis_ports().into_iter().filter(|p| *p != master) {
-            pids.push(node_pid(port).await);
-        }
-        let stopped = StoppedReplicas(pids);
-        stopped.signal("STOP");
-        stopped
-    }
-
-    fn signal(&self, sig: &str) {
-        for pid in &self.0 {
-            let _ = std::process::Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
-impl Drop for StoppedReplicas {
-    fn drop(&mut self) {
-        self.signal("CONT");
-    }
-}
-
-/// The pid of the Redis node on `port` (`INFO server`; retried, bounded: a node that just
-/// restarted may be busy loading or resyncing).
-async fn node_pid(port: u16) -> u32 {
-    eventually(
-        "a node's process_id",
-        Duration::from_secs(30),
-        || async move {
-            let mut conn = loopback_client(port)
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| e.to_string())?;
-            let info: String = redis::cmd("INFO")
-                .arg("server")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            auction_testkit::info_field(&info, "process_id")
-                .and_then(|p| p.trim().parse().ok())
-                .ok_or_else(|| "no process_id".to_owned())
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The direct children of `pid` (from /proc).
@@ -639,7 +398,7 @@ async fn run() {
         match kind {
             Kind::MasterKill => {
                 wait_sentinels_settled(&stack).await;
-                let (promoted, t) = kill_master(&mut stack).await;
+                let (promoted, t) = kill_master(&mut stack, Duration::from_secs(60)).await;
                 eprintln!("chaos: master kill promoted after {promoted:.2}s");
                 promotions.push(promoted);
                 kills.push(t);
@@ -652,7 +411,7 @@ async fn run() {
                 let old = master_index(&stack).await;
                 // Its forked children (an RDB transfer to a replica) would outlive it and
                 // keep its port: they die with it, as in a container.
-                let children = children_of(node_pid(stack.node_port(old)).await);
+                let children = children_of(stack.node_pid(old).expect("the master runs"));
                 stack.kill_node(old).expect("kill master");
                 for child in children {
                     let _ = std::process::Command::new("kill")
@@ -674,7 +433,7 @@ async fn run() {
             Kind::ReplicaStop => {
                 // Every replica lags for 2.5 s (shorter than min-replicas-max-lag): writes
                 // and closes go on, announcements are held back by WAIT.
-                let paused = StoppedReplicas::all(&stack).await;
+                let paused = stack.pause_replicas().await.expect("pause the replicas");
                 tokio::time::sleep(Duration::from_millis(2500)).await; // the fault itself
                 drop(paused);
                 wait_all_linked(&stack).await;

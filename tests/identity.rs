@@ -43,15 +43,8 @@ async fn open(admin: &mut Admin, id: &str) {
 }
 
 fn bid(auction: &str, bid_id: &str, bidder: &str, amount: u64) -> Bid {
-    Bid {
-        auction_id: auction::keyspace::AuctionId::parse(auction).expect("id"),
-        bid_id: bid_id.into(),
-        bidder: bidder.into(),
-        amount,
-        max_amount: None,
-        traceparent: None,
-        sig: None,
-    }
+    let id = auction::keyspace::AuctionId::parse(auction).expect("id");
+    plain_bid(&id, bid_id, bidder, amount)
 }
 
 fn signed(b: Bid, key: &str) -> Bid {
@@ -67,17 +60,7 @@ async fn publish(stack: &auction_testkit::DevStack, b: &Bid) {
 }
 
 async fn outcome(rec: &Recorder, bid_id: &str, after: usize) -> Event {
-    rec.wait_until(
-        &format!("an outcome of {bid_id}"),
-        Duration::from_secs(20),
-        |evs| {
-            evs.iter()
-                .skip(after)
-                .find(|e| e.bid_id() == Some(bid_id))
-                .cloned()
-        },
-    )
-    .await
+    outcome_after(rec, bid_id, after).await
 }
 
 fn unauthenticated(e: &Event) -> bool {
@@ -215,21 +198,16 @@ async fn an_auction_client_signs_with_its_key_and_wins() {
     bounded(async {
         let stack = stack().await;
         let rec = recorder(&stack).await;
-        let port = free_port();
-        let _server = server(
+        let (_server, port, mut admin) = serving(
             &stack,
             "server",
-            port,
             &[
                 ("BID_AUTH", "required".into()),
                 ("OPEN_ON_START", "signed lot".into()),
                 ("AUCTION_DURATION", "6s".into()),
             ],
-        );
-        wait_health(port, "", "SERVING", Duration::from_secs(30)).await;
-        let mut admin = Admin::connect(format!("http://127.0.0.1:{port}"))
-            .await
-            .expect("connect");
+        )
+        .await;
         let key = register(&mut admin, "signer").await;
         let key_file = stack.dir().join("signer.key");
         std::fs::write(&key_file, format!("{key}\n")).expect("write the key file");

@@ -46,15 +46,7 @@ fn week() -> Retention {
 }
 
 fn bid(id: &AuctionId, bid_id: &str, bidder: &str, amount: u64) -> Bid {
-    Bid {
-        auction_id: id.clone(),
-        bid_id: bid_id.into(),
-        bidder: bidder.into(),
-        amount,
-        max_amount: None,
-        traceparent: None,
-        sig: None,
-    }
+    support::plain_bid(id, bid_id, bidder, amount)
 }
 
 async fn take(
@@ -896,50 +888,6 @@ async fn listing_pages_by_value_so_removals_and_ties_neither_skip_nor_repeat() {
     );
 }
 
-/// Every replica of `stack` stopped with SIGSTOP (a replica that lags without limit); they
-/// are continued when this is dropped, also when the test fails.
-struct PausedReplicas(Vec<u32>);
-
-impl PausedReplicas {
-    async fn all(stack: &DevStack) -> PausedReplicas {
-        let master = stack.current_master_port().await.expect("master port");
-        let mut pids = Vec::new();
-        for port in stack.redis_ports().into_iter().filter(|p| *p != master) {
-            let mut conn = support::loopback_client(port)
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect to a replica");
-            let info: String = redis::cmd("INFO")
-                .arg("server")
-                .query_async(&mut conn)
-                .await
-                .expect("INFO server");
-            let pid = auction_testkit::info_field(&info, "process_id")
-                .and_then(|p| p.trim().parse().ok())
-                .expect("the replica's process_id");
-            pids.push(pid);
-        }
-        let paused = PausedReplicas(pids);
-        paused.signal("STOP");
-        paused
-    }
-
-    fn signal(&self, sig: &str) {
-        for pid in &self.0 {
-            let _ = std::process::Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
-impl Drop for PausedReplicas {
-    fn drop(&mut self) {
-        self.signal("CONT");
-    }
-}
-
 /// Issue 16, defect 1: `WAIT` counts only the calling connection's own writes. A server that
 /// reads another server's close (`already`) or answers a batch of pure duplicates writes
 /// nothing, so a bare `WAIT 1` on its connection returns at once even though no replica has
@@ -1030,7 +978,7 @@ async fn answers_read_but_not_written_are_announced_only_once_a_replica_has_them
     .await
     .expect("replicas caught up");
 
-    let paused = PausedReplicas::all(&stack).await;
+    let paused = stack.pause_replicas().await.expect("pause the replicas");
     // C stores the first outcome; no replica gets it.
     let first = ledger::place_bids(&mut other, &lease, std::slice::from_ref(&b))
         .await

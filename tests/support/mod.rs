@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use auction::wire::Event;
+use auction::keyspace::AuctionId;
+use auction::wire::{Bid, Event};
 use auction_testkit::{DevStack, DevStackConfig};
 pub use auction_testkit::{Recorder, eventually_every};
 use redis::IntoConnectionInfo;
@@ -278,4 +279,17 @@ pub async fn outcome_after(rec: &Recorder, bid_id: &str, after: usize) -> Event 
         },
     )
     .await
+}
+
+/// A plain bid (no max, no trace, no signature) of `bidder` on `auction`.
+pub fn plain_bid(auction: &AuctionId, bid_id: &str, bidder: &str, amount: u64) -> Bid {
+    Bid {
+        auction_id: auction.clone(),
+        bid_id: bid_id.into(),
+        bidder: bidder.into(),
+        amount,
+        max_amount: None,
+        traceparent: None,
+        sig: None,
+    }
 }

@@ -26,7 +26,7 @@ pub use config::{DevStackConfig, WIRE_LIMITS};
 pub use eventually::{eventually, eventually_every};
 pub use port::free_port;
 pub use probe::info_field;
-pub use process::Process;
+pub use process::{Paused, Process};
 pub use recorder::Recorder;
 pub use stack::DevStack;
 

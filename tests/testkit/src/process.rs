@@ -77,10 +77,7 @@ impl Process {
 
     /// Sends a signal (`TERM`, `KILL`, `STOP`, `CONT`) with the system's `kill`.
     pub fn signal(&self, sig: &str) {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status();
+        signal(self.pid(), sig);
     }
 
     /// Sends SIGTERM (graceful shutdown).
@@ -104,6 +101,37 @@ impl Drop for Process {
                 self.name,
                 tail(&self.log(), 80)
             );
+        }
+    }
+}
+
+/// Sends signal `sig` (`TERM`, `KILL`, `STOP`, `CONT`) to `pid` with the system's `kill`;
+/// a process that is already gone is not an error here.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Processes stopped with SIGSTOP, continued with SIGCONT when this is dropped (also when
+/// the test panics).
+pub struct Paused(Vec<u32>);
+
+impl Paused {
+    /// Stops `pids` now.
+    pub fn stop(pids: Vec<u32>) -> Paused {
+        for pid in &pids {
+            signal(*pid, "STOP");
+        }
+        Paused(pids)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            signal(*pid, "CONT");
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::probe::{
     probe_failover, probe_master_online, probe_rejoined, probe_subscribers, sentinel_master_port,
     wait_for_replication, wait_for_sentinels,
 };
+use crate::process::Paused;
 use crate::{LOG_TAIL_LINES, LOOPBACK};
 
 /// A running master + replicas + Sentinels topology on 127.0.0.1.
@@ -172,6 +173,22 @@ impl DevStack {
     /// [`DevStack::kill_node`] or if it died on its own).
     pub fn is_node_running(&mut self, index: usize) -> bool {
         self.nodes.get_mut(index).is_some_and(Managed::is_running)
+    }
+
+    /// The pid of data node `index` while it runs.
+    pub fn node_pid(&self, index: usize) -> Option<u32> {
+        self.nodes.get(index)?.pid()
+    }
+
+    /// SIGSTOPs every replica of the current master (replicas that lag without limit) until
+    /// the returned guard is dropped, which SIGCONTs them.
+    pub async fn pause_replicas(&self) -> anyhow::Result<Paused> {
+        let master = self.current_master_port().await?;
+        let pids = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].port != master)
+            .filter_map(|i| self.node_pid(i))
+            .collect();
+        Ok(Paused::stop(pids))
     }
 
     /// Asks the Sentinels, in order, for the current master address
