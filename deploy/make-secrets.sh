@@ -1,6 +1,6 @@
 #!/bin/sh
-# Generates the values of the two Secrets that deploy/base's secretGenerator reads, into
-# deploy/base/secrets/redis-users.env and auction-admin.env: random letters and digits, files
+# Generates the values of the three Secrets that deploy/base's secretGenerator reads, into
+# deploy/base/secrets/redis-users.env, auction-admin.env and auction-enroll.env: random letters and digits, files
 # readable by you only, ignored by git (no value is ever committed). Run it once before the
 # first `kubectl apply -k deploy/...`; it never overwrites a file that exists (delete one to
 # get new values: that is a rotation, deploy/README.md "Rotate the secrets"), and it checks
@@ -12,6 +12,7 @@ set -eu
 dir=$(dirname "$0")/base/secrets
 REDIS_KEYS="SERVER_PASSWORD BIDDER_PASSWORD SENTINEL_PASSWORD REPLICA_PASSWORD LOOKUP_PASSWORD PROBE_PASSWORD ADMIN_PASSWORD"
 ADMIN_KEYS="ADMIN_TOKEN"
+ENROLL_KEYS="ENROLL_TOKEN"
 
 # random N: N random letters and digits.
 random() {
@@ -56,3 +57,4 @@ umask 077
 mkdir -p "$dir"
 generate redis-users.env $REDIS_KEYS
 generate auction-admin.env $ADMIN_KEYS
+generate auction-enroll.env $ENROLL_KEYS

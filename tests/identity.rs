@@ -63,6 +63,37 @@ async fn outcome(rec: &Recorder, bid_id: &str, after: usize) -> Event {
     outcome_after(rec, bid_id, after).await
 }
 
+/// An auction-client bidding every 300 ms, given `secret` as a file through `setting`
+/// (`BIDDER_KEY_FILE`, `ENROLL_TOKEN_FILE`), with a trailing newline as editors write it.
+fn quick_bidder(
+    stack: &auction_testkit::DevStack,
+    name: &str,
+    port: u16,
+    setting: &str,
+    secret: &str,
+) -> Proc {
+    let file = stack.dir().join(format!("{name}.secret"));
+    std::fs::write(&file, format!("{secret}\n")).expect("write the secret file");
+    let env = [
+        ("BID_INTERVAL", "300ms".to_owned()),
+        (setting, file.display().to_string()),
+    ];
+    client(stack, name, port, &env)
+}
+
+/// `client` wins auction `id` and exits cleanly after its close.
+async fn wins_and_exits(rec: &Recorder, id: &str, client: &mut Proc) {
+    let Event::AuctionClosed { winner, .. } = rec.closed(id, Duration::from_secs(30)).await else {
+        unreachable!()
+    };
+    assert_eq!(winner.as_deref(), Some(client.name.as_str()));
+    let code = client
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("exit");
+    assert_eq!(code, 0, "{}", client.log());
+}
+
 fn unauthenticated(e: &Event) -> bool {
     matches!(
         e,
@@ -209,32 +240,18 @@ async fn an_auction_client_signs_with_its_key_and_wins() {
         )
         .await;
         let key = register(&mut admin, "signer").await;
-        let key_file = stack.dir().join("signer.key");
-        std::fs::write(&key_file, format!("{key}\n")).expect("write the key file");
+        // This server has no ENROLL_TOKEN: enrollment is off, and says how to turn it on.
+        let off = admin
+            .enroll_bidder(pb::EnrollBidderRequest {
+                bidder: "signer".into(),
+            })
+            .await
+            .expect_err("enrollment off");
+        assert_eq!(off.code(), tonic::Code::FailedPrecondition, "{off:?}");
+        assert!(off.message().contains("ENROLL_TOKEN"), "{off:?}");
         let id = rec.opened(Duration::from_secs(20)).await;
-        let mut signer = client(
-            &stack,
-            "signer",
-            port,
-            &[
-                ("BID_INTERVAL", "300ms".into()),
-                ("BIDDER_KEY_FILE", key_file.display().to_string()),
-            ],
-        );
-        let Event::AuctionClosed { winner, .. } = rec.closed(&id, Duration::from_secs(30)).await
-        else {
-            unreachable!()
-        };
-        assert_eq!(winner.as_deref(), Some("signer"));
-        assert_eq!(
-            signer
-                .wait_exit(Duration::from_secs(20))
-                .await
-                .expect("exit"),
-            0,
-            "{}",
-            signer.log()
-        );
+        let mut signer = quick_bidder(&stack, "signer", port, "BIDDER_KEY_FILE", &key);
+        wins_and_exits(&rec, &id, &mut signer).await;
 
         // A key that cannot be a key stops the client at once, with one line saying why.
         let mut bad = client(&stack, "bad", port, &[("BIDDER_KEY", "not a key".into())]);
@@ -243,6 +260,145 @@ async fn an_auction_client_signs_with_its_key_and_wins() {
             2
         );
         assert!(bad.log().contains("printable ASCII"), "{}", bad.log());
+    })
+    .await;
+}
+
+/// A bidder enrolls under its own host name and no other: the server's `/etc/hosts` (in a
+/// mount namespace of its own) maps `enrolled-0.bidders` to 127.0.0.1, where the test and
+/// its clients call from, and `other-1.bidders` to 127.0.0.2.
+#[tokio::test]
+async fn a_bidder_enrolls_its_own_name_and_no_other() {
+    bounded(async {
+        let stack = stack().await;
+        let rec = recorder(&stack).await;
+        let port = free_port();
+        let enroll_token = "enroll-token-0123456789";
+        let admin_token = "admin-token-0123456789";
+        let hosts =
+            "127.0.0.1 localhost\n127.0.0.1 enrolled-0.bidders\n127.0.0.2 other-1.bidders\n";
+        let env = [
+            ("BID_AUTH", "required".to_owned()),
+            ("ADMIN_TOKEN", admin_token.to_owned()),
+            ("ENROLL_TOKEN", enroll_token.to_owned()),
+            ("ENROLL_HOST", "{bidder}.bidders".to_owned()),
+            ("OPEN_ON_START", "enrolled lot".to_owned()),
+            ("AUCTION_DURATION", "10s".to_owned()),
+        ];
+        let Some(_server) = server_with_hosts(&stack, "server", port, &env, hosts) else {
+            return;
+        };
+        wait_health(port, "", "SERVING", Duration::from_secs(30)).await;
+        let mut admin = Admin::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("connect to the admin API");
+        let enroll = |bidder: &str, token: Option<&str>| {
+            let mut req = tonic::Request::new(pb::EnrollBidderRequest {
+                bidder: bidder.into(),
+            });
+            if let Some(t) = token {
+                let bearer = format!("Bearer {t}").parse().expect("metadata");
+                req.metadata_mut().insert("authorization", bearer);
+            }
+            req
+        };
+        let refused = |r: Result<tonic::Response<pb::RegisterBidderResponse>, tonic::Status>| {
+            r.expect_err("refused")
+        };
+
+        // Another bidder's name: it resolves to 127.0.0.2, and the call comes from 127.0.0.1.
+        let e = refused(
+            admin
+                .enroll_bidder(enroll("other-1", Some(enroll_token)))
+                .await,
+        );
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("127.0.0.2"), "{e:?}");
+        // No token, or the admin token in its place.
+        for token in [None, Some(admin_token)] {
+            let e = refused(admin.enroll_bidder(enroll("enrolled-0", token)).await);
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        }
+        // A name that resolves to nothing yet (a DNS record not published): retry later.
+        let e = refused(
+            admin
+                .enroll_bidder(enroll("ghost-2", Some(enroll_token)))
+                .await,
+        );
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        // A name that is not a host name.
+        let e = refused(
+            admin
+                .enroll_bidder(enroll("Bad_Name", Some(enroll_token)))
+                .await,
+        );
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+        // An auction-client with the token file enrolls under its own name and wins.
+        let id = rec.opened(Duration::from_secs(20)).await;
+        let mut enrolled = quick_bidder(
+            &stack,
+            "enrolled-0",
+            port,
+            "ENROLL_TOKEN_FILE",
+            enroll_token,
+        );
+        // One claiming other-1's name is never granted a key: it keeps asking, never bids.
+        let impostor = client(
+            &stack,
+            "other-1",
+            port,
+            &[
+                ("BID_INTERVAL", "300ms".into()),
+                ("ENROLL_TOKEN", enroll_token.into()),
+            ],
+        );
+        wins_and_exits(&rec, &id, &mut enrolled).await;
+        assert!(
+            impostor.log().contains("enrollment not granted yet"),
+            "{}",
+            impostor.log()
+        );
+        let bidders_of = |events: &[Event]| -> Vec<String> {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::BidAccepted { bidder, .. } => Some(bidder.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(
+            !bidders_of(&rec.events()).iter().any(|b| b == "other-1"),
+            "the impostor never bid"
+        );
+        let listed = admin
+            .list_bidders(pb::ListBiddersRequest {})
+            .await
+            .expect("ListBidders")
+            .into_inner();
+        let names: Vec<&str> = listed.bidders.iter().map(|b| b.bidder.as_str()).collect();
+        assert_eq!(names, ["enrolled-0"]);
+
+        // A wrong token is for an operator to fix: the client stops, saying why.
+        let mut wrong = client(
+            &stack,
+            "enrolled-0",
+            port,
+            &[("ENROLL_TOKEN", "not-the-enroll-token".into())],
+        );
+        assert_ne!(
+            wrong
+                .wait_exit(Duration::from_secs(20))
+                .await
+                .expect("exit"),
+            0
+        );
+        assert!(
+            wrong.log().contains("enrollment refused"),
+            "{}",
+            wrong.log()
+        );
     })
     .await;
 }

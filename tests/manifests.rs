@@ -10,7 +10,9 @@
 //!   mount paths change), the ACL file is accepted, and the real server and bidder, with
 //!   exactly the manifests' environment, become ready and run an auction to its winner
 //!   without one command refused by an ACL, and without an oversized publish cutting the
-//!   server's subscription;
+//!   server's subscription; bids must be signed, and the bidder gets its key by enrolling
+//!   under its pod name (which the server resolves as the cluster would, through a hosts
+//!   file of its own);
 //! - the rules the manifests must keep, read from the rendered objects (`rules`), and the
 //!   data nodes' role scripts on loopback: a restarted master holds back until Sentinel
 //!   promoted the replica with the acknowledged writes, and a master's preStop switches
@@ -169,9 +171,20 @@ async fn run_from_manifests(dir: &str) {
     let net = topology.net.clone();
     let base = topology.base.path().to_owned();
 
+    // The bidder's pod record (ENROLL_HOST) names loopback, where it calls the server from.
+    let client_pod = first_pod_name(rendered.get("StatefulSet", "auction-client"));
+    let service = rendered.get("StatefulSet", "auction-client")["spec"]["serviceName"]
+        .as_str()
+        .expect("serviceName")
+        .to_owned();
+    let hosts = format!("127.0.0.1 localhost\n127.0.0.1 {client_pod}.{service}\n");
+    let Some(server_ns) = with_hosts(&base, "auction-server", &hosts) else {
+        return;
+    };
+
     // The server and one bidder with exactly the manifests' environment; only addresses move
-    // to loopback (listeners on 127.0.0.1 instead of 0.0.0.0). Each must pass the probes
-    // its manifest declares.
+    // to loopback (listeners on 127.0.0.1 instead of 0.0.0.0), and the server resolves the
+    // bidder's pod name as a cluster would. Each must pass the probes its manifest declares.
     let spawn_pod = |kind: &str, workload: &str, listen_key: &str, listen: u16| {
         let w = rendered.get(kind, workload);
         let c = &w["spec"]["template"]["spec"]["containers"][0];
@@ -195,13 +208,15 @@ async fn run_from_manifests(dir: &str) {
         let command = strings(&c["command"]);
         let env_refs: Vec<(&str, String)> =
             env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        let process = Proc::spawn(
-            &base,
-            &pod,
-            local_binary(&command[0]).expect("our binary"),
-            &command[1..],
-            &env_refs,
-        );
+        let binary = local_binary(&command[0]).expect("our binary");
+        let process = if kind == "Deployment" {
+            let (unshare, mut args) = server_ns.clone();
+            args.push(binary.to_owned());
+            args.extend(command[1..].iter().cloned());
+            Proc::spawn(&base, &pod, &unshare, &args, &env_refs)
+        } else {
+            Proc::spawn(&base, &pod, binary, &command[1..], &env_refs)
+        };
         let probe = |name: &str| c[name]["grpc"]["service"].as_str().unwrap_or("").to_owned();
         (
             process,
@@ -260,6 +275,13 @@ async fn run_from_manifests(dir: &str) {
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(auction["winner"]["bidder"], "auction-client-0", "{auction}");
+    // It won with signed bids (BID_AUTH=required), under the key it enrolled for.
+    let bidders = grpcurl(grpc, "auction.v1.AuctionAdmin/ListBidders", None, None).await;
+    assert_eq!(
+        bidders.json()["bidders"][0]["bidder"],
+        "auction-client-0",
+        "{bidders:?}"
+    );
 
     // The wire limits: a bidder's publish over proto-max-bulk-len is refused by Redis, and
     // publishes just under it fit the Pub/Sub output limit of the server's subscription

@@ -54,6 +54,24 @@ pub struct BidderArgs {
     /// a trailing newline are ignored.
     #[arg(long, env = "BIDDER_KEY_FILE", value_name = "PATH")]
     pub bidder_key_file: Option<std::path::PathBuf>,
+    /// The server's enrollment token: at start the bidder asks the server (`EnrollBidder`)
+    /// for a key of its own name and signs every bid with it. For pods, which cannot each
+    /// be handed a key of their own. Prefer ENROLL_TOKEN_FILE.
+    #[arg(
+        long,
+        env = "ENROLL_TOKEN",
+        hide_env_values = true,
+        conflicts_with_all = ["enroll_token_file", "bidder_key", "bidder_key_file"]
+    )]
+    pub enroll_token: Option<String>,
+    /// A file holding the enrollment token; surrounding whitespace is ignored.
+    #[arg(
+        long,
+        env = "ENROLL_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with_all = ["bidder_key", "bidder_key_file"]
+    )]
+    pub enroll_token_file: Option<std::path::PathBuf>,
     /// Re-publish an unanswered bid (same bid_id) after this long.
     #[arg(long, env = "BID_RETRY_AFTER", default_value = DEFAULT_RETRY_AFTER, value_parser = parse_duration)]
     pub retry_after: Duration,
@@ -103,6 +121,7 @@ impl BidderArgs {
             anyhow::bail!("PROXY_MAX must be between 1 and {}", wire::MAX_AMOUNT);
         }
         self.key()?;
+        self.enroll_token()?;
         if let Some(id) = &self.auction_id {
             AuctionId::parse(id)?;
         }
@@ -112,27 +131,29 @@ impl BidderArgs {
 
     /// The signing key, if one is configured: read (from the file) and checked.
     pub fn key(&self) -> anyhow::Result<Option<String>> {
-        let key = match (&self.bidder_key, &self.bidder_key_file) {
-            (Some(k), _) => k.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot read BIDDER_KEY_FILE {}: {e}", path.display())
-                })?
-                .trim()
-                .to_owned(),
-            (None, None) => return Ok(None),
+        let Some(key) = secret(&self.bidder_key, &self.bidder_key_file, "BIDDER_KEY")? else {
+            return Ok(None);
         };
-        if key.is_empty() {
-            anyhow::bail!(
-                "the bidder key is empty: set BIDDER_KEY or BIDDER_KEY_FILE to the key RegisterBidder returned"
-            );
-        }
-        if !key.bytes().all(|b| b.is_ascii_graphic()) {
-            anyhow::bail!(
-                "the bidder key must be printable ASCII without spaces (the key RegisterBidder returned)"
-            );
-        }
+        check_key(&key).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: set BIDDER_KEY or BIDDER_KEY_FILE to the key RegisterBidder returned"
+            )
+        })?;
         Ok(Some(key))
+    }
+
+    /// The enrollment token, if one is configured: read (from the file) and checked.
+    pub fn enroll_token(&self) -> anyhow::Result<Option<String>> {
+        let Some(token) = secret(&self.enroll_token, &self.enroll_token_file, "ENROLL_TOKEN")?
+        else {
+            return Ok(None);
+        };
+        if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!(
+                "ENROLL_TOKEN must be 16 or more printable ASCII characters without spaces: the server's ENROLL_TOKEN"
+            );
+        }
+        Ok(Some(token))
     }
 
     /// The most this bidder pays: `PROXY_MAX` when bidding by proxy, else `MAX_BID`.
@@ -154,4 +175,31 @@ impl BidderArgs {
                 anyhow::anyhow!("SERVER_ADDR {raw:?} is not a valid address (host:port): {e}")
             })
     }
+}
+
+/// A secret given directly or as a file (surrounding whitespace ignored); `name` is its
+/// setting, `NAME_FILE` the file form's.
+fn secret(
+    value: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
+    match (value, file) {
+        (Some(v), _) => Ok(Some(v.clone())),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim().to_owned()))
+            .map_err(|e| anyhow::anyhow!("cannot read {name}_FILE {}: {e}", path.display())),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Checks a bidder key, configured or enrolled: non-empty printable ASCII without spaces.
+pub fn check_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("the bidder key is empty");
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the bidder key must be printable ASCII without spaces");
+    }
+    Ok(())
 }

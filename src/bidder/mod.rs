@@ -11,7 +11,8 @@
 //! - [`summary`]: what a bidder did, returned when it stops.
 //! - `bidding`: the bidder's reactions to events and ticks; `tracking`: what it knows of
 //!   its auction and its bid in flight; `discovery`: finding an auction already open (a
-//!   late start, a resubscription) through the server's admin API.
+//!   late start, a resubscription) through the server's admin API; `enroll`: getting a key
+//!   of its own name from the server (`ENROLL_TOKEN`).
 //!
 //! Uses [`crate::control`] (its own health, the server's), [`crate::link`] and
 //! [`crate::wire`].
@@ -36,6 +37,7 @@ use crate::wire::Event;
 pub mod args;
 mod bidding;
 mod discovery;
+mod enroll;
 pub mod summary;
 mod tracking;
 
@@ -66,10 +68,13 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         "server health watch",
         tokio::spawn(watch_server_health(args.server_endpoint()?, server_up_tx)),
     );
+    // With ENROLL_TOKEN the bidder is not ready until it has its key.
+    let enroll_token = args.enroll_token()?;
+    let (has_key_tx, has_key) = watch::channel(enroll_token.is_none());
     let (reporter, health_service) = tonic_health::server::health_reporter();
     crate::control::health::not_serving(&reporter, &[]).await;
     let (ready, _ready_task) =
-        crate::control::health::all_of(vec![sub.watch_live(), server_up.clone()]);
+        crate::control::health::all_of(vec![sub.watch_live(), server_up.clone(), has_key]);
     let _health_task =
         crate::control::health::report(reporter.clone(), &[], ready, Some(metrics.clone()));
     let _health_server = TaskGuard::new(
@@ -82,6 +87,23 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
     );
     info!(bidder = %me, %health_addr, server = %args.server_addr, "bidder started; health listening; waiting for the server to be SERVING and for an open auction");
     let admin = AuctionAdminClient::new(args.server_endpoint()?.connect_lazy());
+    tokio::pin!(shutdown);
+    let key = match enroll_token {
+        None => args.key()?,
+        Some(token) => {
+            let enrolling = enroll::enroll(admin.clone(), &me, &token, server_up.clone());
+            tokio::select! {
+                key = enrolling => {
+                    has_key_tx.send_replace(true);
+                    Some(key?)
+                }
+                _ = &mut shutdown => {
+                    info!(bidder = %me, "stopping on signal before enrollment");
+                    return Ok(Summary::default());
+                }
+            }
+        }
+    };
     let mut bidder = Bidder {
         args: &args,
         me,
@@ -98,10 +120,9 @@ pub async fn run(args: BidderArgs, shutdown: impl Future<Output = ()>) -> anyhow
         was_subscribed: false,
         discovery: Discovery::default(),
         metrics,
-        key: args.key()?,
+        key,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tokio::pin!(shutdown);
     loop {
         let flow = tokio::select! {
             _ = &mut shutdown => {

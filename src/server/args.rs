@@ -9,6 +9,7 @@ use anyhow::Context;
 
 use crate::keyspace::AuctionId;
 use crate::runtime::config::{RedisArgs, parse_channel, parse_duration, parse_duration_or_off};
+use crate::server::enroll::{self, Enrollment};
 use crate::store::ledger::{AuctionSpec, Retention};
 
 /// Default auction duration (`AUCTION_DURATION`).
@@ -109,6 +110,15 @@ pub struct ServerArgs {
     /// Bearer token required by mutating admin calls (unset = no auth; set it in production).
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// The token bidders present to `EnrollBidder` to get a key for their own name (their
+    /// pods share it; it is not the admin token). Unset = enrollment off. Needs ENROLL_HOST.
+    #[arg(long, env = "ENROLL_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// The host name of a bidder, `{bidder}` standing for its name (on Kubernetes
+    /// `{bidder}.auction-client`, the pod's record in the bidders' headless Service):
+    /// `EnrollBidder` registers a name only for a caller this name resolves to.
+    #[arg(long, env = "ENROLL_HOST")]
+    pub enroll_host: Option<String>,
     /// Where Prometheus metrics are served (`GET /metrics`); unset = no metrics endpoint.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -162,6 +172,36 @@ impl ServerArgs {
         })
     }
 
+    /// `EnrollBidder`'s settings, checked: both or neither of ENROLL_TOKEN and ENROLL_HOST.
+    pub fn enrollment(&self) -> anyhow::Result<Option<Enrollment>> {
+        match (&self.enroll_token, &self.enroll_host) {
+            (None, None) => Ok(None),
+            (Some(_), None) => anyhow::bail!(
+                "ENROLL_TOKEN is set but ENROLL_HOST is not: set it to a bidder's host name with {{bidder}} for its name (on Kubernetes {{bidder}}.auction-client), or unset ENROLL_TOKEN"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "ENROLL_HOST is set but ENROLL_TOKEN is not: set the token bidders present to EnrollBidder (16 or more characters), or unset ENROLL_HOST"
+            ),
+            (Some(token), Some(host)) => {
+                if token.trim().len() < 16 || token.trim() != token {
+                    anyhow::bail!(
+                        "ENROLL_TOKEN must be at least 16 characters without surrounding spaces"
+                    );
+                }
+                if self.admin_token.as_ref() == Some(token) {
+                    anyhow::bail!(
+                        "ENROLL_TOKEN must differ from ADMIN_TOKEN: every bidder pod holds the enrollment token"
+                    );
+                }
+                enroll::check_template(host).map_err(anyhow::Error::msg)?;
+                Ok(Some(Enrollment {
+                    token: token.clone(),
+                    host: host.clone(),
+                }))
+            }
+        }
+    }
+
     /// Validates everything clap cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.redis.validate().map_err(anyhow::Error::msg)?;
@@ -185,6 +225,7 @@ impl ServerArgs {
         {
             anyhow::bail!("ADMIN_TOKEN must be at least 16 characters without surrounding spaces");
         }
+        self.enrollment()?;
         check_wait_timeout(self.wait_timeout)?;
         if self.wait_timeout >= self.lock_lease / 3 {
             anyhow::bail!("WAIT_TIMEOUT must be shorter than a third of LOCK_LEASE");

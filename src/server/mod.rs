@@ -17,6 +17,9 @@
 //!    warns near `maxmemory`, and the router's shadows and close queues share one cap
 //!    ([`kept`]).
 //!
+//! Bidders get keys from an operator (`RegisterBidder`) or enroll themselves under their own
+//! host name ([`enroll`]'s rule, behind `EnrollBidder`).
+//!
 //! [`args`] is the configuration, [`context`] what the parts share, and the private
 //! `wiring` starts the parts and stops them in order. Uses every lower layer
 //! ([`crate::control`], [`crate::store`], [`crate::link`], [`crate::runtime`]).
@@ -30,6 +33,7 @@ pub mod bidder_keys;
 pub mod close_batch;
 pub mod closer;
 pub mod context;
+pub mod enroll;
 pub mod intake;
 pub mod kept;
 pub mod lease_keeper;

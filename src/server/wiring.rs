@@ -139,6 +139,7 @@ impl Server {
             hub: Hub::new(master.clone(), channel),
             control_channel: args.control_channel.clone(),
             admin_token: args.admin_token.clone(),
+            enrollment: args.enrollment()?,
             defaults: args.auction_defaults(),
             bidder_keys: bidder_keys.clone(),
         };

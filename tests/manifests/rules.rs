@@ -2,8 +2,8 @@
 //! but kubectl, git and the Secrets' generator): data nodes decide their role in the main
 //! container and hand over before they stop, pinned Redis images with the October 2025 Lua
 //! fixes, DNS egress that does not depend on which resolver a cluster runs, images a kind
-//! cluster can load, Redis memory and buffers sized for the wire, and Secrets generated at
-//! install, never committed.
+//! cluster can load, Redis memory and buffers sized for the wire, Secrets generated at
+//! install, never committed, and bidders that each get a key of their own.
 
 use std::process::Command;
 
@@ -271,7 +271,7 @@ fn secret_values_are_generated_at_install_and_never_committed() {
         }
     }
     let r = deploy::render("base");
-    for file in ["redis-users.env", "auction-admin.env"] {
+    for file in ["redis-users.env", "auction-admin.env", "auction-enroll.env"] {
         let path = format!("deploy/base/secrets/{file}");
         let ignored = git(&["check-ignore", "-q", &path]).expect("git check-ignore");
         assert!(ignored.status.success(), "{path} must be ignored by git");
@@ -292,7 +292,7 @@ fn secret_values_are_generated_at_install_and_never_committed() {
         })
         .collect();
     assert!(
-        values.len() >= 8,
+        values.len() >= 9,
         "the Secrets hold {} values",
         values.len()
     );
@@ -307,4 +307,97 @@ fn secret_values_are_generated_at_install_and_never_committed() {
             );
         }
     }
+}
+
+/// Where an env entry of a container comes from: `(secret, key)` of a `secretKeyRef`.
+fn secret_ref<'a>(container: &'a Value, name: &str) -> Option<(&'a str, &'a str)> {
+    let e = container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?;
+    let r = &e["valueFrom"]["secretKeyRef"];
+    Some((r["name"].as_str()?, r["key"].as_str()?))
+}
+
+#[test]
+fn bids_must_be_signed_and_each_bidder_pod_enrolls_for_its_own_key_only() {
+    each_kustomization(|r| {
+        let server_workload = r.get("Deployment", "auction-server");
+        let server = &r.pod_spec("Deployment", "auction-server")["containers"][0];
+        let clients = r.get("StatefulSet", "auction-client");
+        let client = &r.pod_spec("StatefulSet", "auction-client")["containers"][0];
+        let env = r.container_env(server_workload, server, "auction-server-0");
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("BID_AUTH"), Some("required"), "{}: the server", r.dir);
+
+        // The server enrolls a name only for a caller its pod record in the bidders'
+        // governing Service resolves to; that record exists before the pod is ready.
+        let service = clients["spec"]["serviceName"]
+            .as_str()
+            .expect("serviceName");
+        assert_eq!(
+            get("ENROLL_HOST"),
+            Some(format!("{{bidder}}.{service}").as_str()),
+            "{}: ENROLL_HOST names the bidders' pods in their headless Service",
+            r.dir
+        );
+        let governing = r.get("Service", service);
+        assert_eq!(governing["spec"]["clusterIP"], "None", "{}", r.dir);
+        assert_eq!(
+            governing["spec"]["publishNotReadyAddresses"], true,
+            "{}: a bidder enrolls before it is ready",
+            r.dir
+        );
+        // A bidder's name is its pod's name: the name it enrolls is the one that resolves.
+        let name = client["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == "BIDDER_NAME")
+            .expect("BIDDER_NAME");
+        assert_eq!(
+            name["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name",
+            "{}",
+            r.dir
+        );
+
+        // Both sides share the enrollment token; bidders hold no key, no admin token, and
+        // nothing else of the server's Secrets.
+        let token = secret_ref(server, "ENROLL_TOKEN").expect("the server's ENROLL_TOKEN");
+        assert_eq!(
+            secret_ref(client, "ENROLL_TOKEN"),
+            Some(token),
+            "{}: the bidders' ENROLL_TOKEN",
+            r.dir
+        );
+        let enroll_secret = &r.get("Secret", "auction-enroll")["metadata"]["name"];
+        assert_eq!(
+            (Some(token.0), token.1),
+            (enroll_secret.as_str(), "ENROLL_TOKEN"),
+            "{}",
+            r.dir
+        );
+        assert_ne!(
+            r.secret("auction-enroll", "ENROLL_TOKEN"),
+            r.secret("auction-admin", "ADMIN_TOKEN"),
+            "{}",
+            r.dir
+        );
+        let pod = &clients["spec"]["template"]["spec"];
+        let text = pod.to_string();
+        for held in ["BIDDER_KEY", "auction-admin", "SERVER_PASSWORD"] {
+            assert!(
+                !text.contains(held),
+                "{}: a bidder pod refers to {held}",
+                r.dir
+            );
+        }
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .is_none_or(|v| v.iter().all(|v| v["secret"].is_null())),
+            "{}: no Secret is mounted into bidder pods",
+            r.dir
+        );
+    });
 }

@@ -37,6 +37,53 @@ pub fn server(stack: &DevStack, name: &str, port: u16, env: &[(&str, String)]) -
     Proc::spawn(stack.dir(), name, SERVER, &[], &all)
 }
 
+/// How to run a program in a mount namespace of its own where `/etc/hosts` is `hosts`, so
+/// the real binary resolves names as the test maps them (e.g. a bidder's host name for
+/// `EnrollBidder`): the program to spawn (`unshare`) and the arguments that come before the
+/// real program and its own arguments. `None`, with a message, where the machine refuses
+/// mount namespaces (not root).
+pub fn with_hosts(dir: &std::path::Path, name: &str, hosts: &str) -> Option<(String, Vec<String>)> {
+    let permitted = std::process::Command::new("unshare")
+        .args(["--mount", "true"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !permitted {
+        eprintln!(
+            "SKIPPED: `unshare --mount` is not permitted here (run as root): this test maps host names in a mount namespace of the server's own"
+        );
+        return None;
+    }
+    let file = dir.join(format!("{name}.hosts"));
+    std::fs::write(&file, hosts).expect("write the hosts file");
+    // unshare and sh exec in turn: the process is the program itself (signals, pid, kill).
+    let script = r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#;
+    let args = ["--mount", "sh", "-c", script, "sh"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([file.display().to_string()])
+        .collect();
+    Some(("unshare".to_owned(), args))
+}
+
+/// Starts an auction-server like [`server`], with `/etc/hosts` as `hosts` ([`with_hosts`]).
+pub fn server_with_hosts(
+    stack: &DevStack,
+    name: &str,
+    port: u16,
+    env: &[(&str, String)],
+    hosts: &str,
+) -> Option<Proc> {
+    let (bin, mut args) = with_hosts(stack.dir(), name, hosts)?;
+    args.push(SERVER.to_owned());
+    let mut all = vec![
+        ("REDIS_SENTINELS", stack.sentinels_csv()),
+        ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+    ];
+    all.extend(env.iter().cloned());
+    Some(Proc::spawn(stack.dir(), name, &bin, &args, &all))
+}
+
 /// Starts an auction-client named `name` against `stack` and the server on `server_port`.
 pub fn client(stack: &DevStack, name: &str, server_port: u16, env: &[(&str, String)]) -> Proc {
     let mut all = vec![

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::control::hub::Hub;
 use crate::keyspace::AuctionId;
@@ -34,6 +34,7 @@ mod watch;
 
 use crate::server::args::AuctionDefaults;
 use crate::server::bidder_keys::BidderKeys;
+use crate::server::enroll::{self, Enrollment};
 use messages::{
     BidsAfter, amount, auctions_after, auctions_token, bid_to_proto, bids_after, constant_time_eq,
     from_duration, invalid, page_size, parse_id, timestamp, to_proto, unavailable,
@@ -71,6 +72,8 @@ pub struct AdminService {
     pub defaults: AuctionDefaults,
     /// This server's cache of bidder keys, updated at once by registrations made here.
     pub bidder_keys: BidderKeys,
+    /// `EnrollBidder`'s settings; `None` = enrollment off.
+    pub enrollment: Option<Enrollment>,
 }
 
 impl From<OpError> for Status {
@@ -86,23 +89,9 @@ impl From<OpError> for Status {
 
 impl AdminService {
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.admin_token else {
-            return Ok(());
-        };
-        let header = req.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing `authorization: Bearer <token>` metadata (this server requires ADMIN_TOKEN for mutations)")
-        })?;
-        let presented = header
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization metadata must be `Bearer <token>`")
-            })?;
-        if constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid admin token"))
+        match &self.admin_token {
+            Some(token) => bearer(req, token, "ADMIN_TOKEN", "admin token"),
+            None => Ok(()),
         }
     }
 
@@ -261,6 +250,14 @@ impl pb::auction_admin_server::AuctionAdmin for AdminService {
         self.revoke_bidder_impl(req).instrument(span).await
     }
 
+    async fn enroll_bidder(
+        &self,
+        req: Request<pb::EnrollBidderRequest>,
+    ) -> Result<Response<pb::RegisterBidderResponse>, Status> {
+        let span = rpc_span("EnrollBidder", &req);
+        self.enroll_bidder_impl(req).instrument(span).await
+    }
+
     async fn list_bidders(
         &self,
         req: Request<pb::ListBiddersRequest>,
@@ -291,16 +288,46 @@ impl AdminService {
         let bidder = req.into_inner().bidder;
         wire::check_token("bidder", &bidder, wire::MAX_BIDDER_LEN)
             .map_err(|e| invalid("bidder", e))?;
+        let key = self.issue_key(&bidder).await?;
+        info!(%bidder, "bidder registered (a new key replaces any earlier one)");
+        Ok(Response::new(pb::RegisterBidderResponse { bidder, key }))
+    }
+
+    async fn enroll_bidder_impl(
+        &self,
+        req: Request<pb::EnrollBidderRequest>,
+    ) -> Result<Response<pb::RegisterBidderResponse>, Status> {
+        let Some(enrollment) = &self.enrollment else {
+            return Err(Status::failed_precondition(
+                "enrollment is off on this server: set ENROLL_TOKEN and ENROLL_HOST, or have an operator call RegisterBidder and give the bidder BIDDER_KEY",
+            ));
+        };
+        bearer(&req, &enrollment.token, "ENROLL_TOKEN", "enrollment token")?;
+        let peer = req.remote_addr();
+        let bidder = req.into_inner().bidder;
+        enroll::check_name(&bidder).map_err(|e| invalid("bidder", e))?;
+        let host = enroll::host_of(&enrollment.host, &bidder);
+        if let Err(refused) = enroll::check_caller(&host, peer).await {
+            warn!(%bidder, peer = ?peer, reason = refused.message(), "enrollment refused");
+            return Err(refused);
+        }
+        let key = self.issue_key(&bidder).await?;
+        info!(%bidder, peer = ?peer, "bidder enrolled (a new key replaces any earlier one)");
+        Ok(Response::new(pb::RegisterBidderResponse { bidder, key }))
+    }
+
+    /// Draws a fresh key for `bidder`, stores it (replacing any earlier one) and updates
+    /// this server's cache at once; other servers see it within their poll.
+    async fn issue_key(&self, bidder: &str) -> Result<String, Status> {
         let key = bidders::new_key().map_err(|e| {
             Status::internal(format!("the operating system gave no random bytes: {e}"))
         })?;
         let mut conn = self.conn().await?;
-        bidders::register(&mut conn, &bidder, &key)
+        bidders::register(&mut conn, bidder, &key)
             .await
             .map_err(unavailable)?;
-        self.bidder_keys.registered(&bidder, &key);
-        info!(%bidder, "bidder registered (a new key replaces any earlier one)");
-        Ok(Response::new(pb::RegisterBidderResponse { bidder, key }))
+        self.bidder_keys.registered(bidder, &key);
+        Ok(key)
     }
 
     async fn revoke_bidder_impl(
@@ -321,6 +348,28 @@ impl AdminService {
         }
         info!(%bidder, "bidder revoked");
         Ok(Response::new(pb::RevokeBidderResponse {}))
+    }
+}
+
+/// Checks that `req` carries `authorization: Bearer <token>`; `setting` and `what` name the
+/// token in the refusal.
+fn bearer<T>(req: &Request<T>, token: &str, setting: &str, what: &str) -> Result<(), Status> {
+    let header = req.metadata().get("authorization").ok_or_else(|| {
+        Status::unauthenticated(format!(
+            "missing `authorization: Bearer <token>` metadata (this call needs the server's {setting})"
+        ))
+    })?;
+    let presented = header
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            Status::unauthenticated("authorization metadata must be `Bearer <token>`")
+        })?;
+    if constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated(format!("invalid {what}")))
     }
 }
 
