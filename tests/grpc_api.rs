@@ -186,7 +186,16 @@ async fn grpcurl_drives_every_rpc_with_reflection_auth_and_precise_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_redis_down_and_back_while_liveness_stays_serving() {
     bounded(async {
-        let mut stack = stack().await;
+        // Every node dies at once below. With `appendfsync everysec` Redis may postpone the
+        // write of the last second's commands to its file while an fsync is slow (a loaded
+        // machine) and still answer them, so a crash of every node together can lose them;
+        // `always` writes and syncs before answering, which is what the check below needs.
+        let mut stack = auction_testkit::DevStack::start(auction_testkit::DevStackConfig {
+            extra_redis_conf: vec!["appendfsync always".to_owned()],
+            ..auction_testkit::DevStackConfig::default()
+        })
+        .await
+        .expect("start the local Redis topology");
         let port = free_port();
         let mut srv = server(&stack, "server", port, &[]);
         wait_health(port, "", "SERVING", Duration::from_secs(20)).await;
