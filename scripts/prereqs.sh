@@ -18,6 +18,18 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "error: cargo not found. Install Rust 1.85 or newer (rustup: https://rustup.rs) and rerun." >&2
   exit 1
 fi
+# iproute2 and nsenter for the chaos run's partitions (network namespaces need root; as any
+# other user the chaos run skips its partitions and says so).
+ensure_netns_tools() {
+  if command -v ip >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing iproute2 and util-linux (network namespaces for the partition faults)…" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null
+  fi
+}
 # A Python venv at $1 (installs Debian's python3-venv first if the machine lacks it).
 make_venv() {
   if ! python3 -m venv "$1" >/dev/null 2>&1; then

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
 ensure_grpcurl
+ensure_netns_tools
 rm -f target/chaos/figures.json
 cargo test --workspace --all-targets --locked -- "$@"
 if [ -f target/chaos/figures.json ]; then

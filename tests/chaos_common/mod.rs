@@ -1,5 +1,5 @@
-//! What both chaos runs (`tests/chaos.rs`, `tests/chaos_faults.rs`) share: the recording
-//! bidder, fault helpers on the dev topology, and reading who holds a lease.
+//! The chaos run's helpers (`tests/chaos.rs`): the recording bidder, fault helpers on the
+//! dev topology, and reading who holds a lease.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use auction::keyspace::AuctionId;
 use auction::wire::{Bid, Event};
-use auction_testkit::{DevStack, DevStackConfig};
+use auction_testkit::{DevStack, DevStackConfig, Host};
 pub use auction_testkit::{Recorder, eventually_every};
 use redis::IntoConnectionInfo;
 
@@ -29,12 +29,31 @@ pub fn free_port() -> u16 {
 
 /// Starts an auction-server against `stack`, gRPC on `port`, with extra env.
 pub fn server(stack: &DevStack, name: &str, port: u16, env: &[(&str, String)]) -> Proc {
+    server_on(stack, None, name, port, env)
+}
+
+/// The address of a process listening on `port` on `host` (loopback without one).
+pub fn addr_on(host: Option<&Host>, port: u16) -> String {
+    match host {
+        Some(host) => format!("{}:{port}", host.ip),
+        None => format!("127.0.0.1:{port}"),
+    }
+}
+
+/// Starts an auction-server like [`server`], on `host` of a test network when given.
+pub fn server_on(
+    stack: &DevStack,
+    host: Option<&Host>,
+    name: &str,
+    port: u16,
+    env: &[(&str, String)],
+) -> Proc {
     let mut all = vec![
         ("REDIS_SENTINELS", stack.sentinels_csv()),
-        ("GRPC_ADDR", format!("127.0.0.1:{port}")),
+        ("GRPC_ADDR", addr_on(host, port)),
     ];
     all.extend(env.iter().cloned());
-    Proc::spawn(stack.dir(), name, SERVER, &[], &all)
+    Proc::spawn_on(host, stack.dir(), name, SERVER, &[], &all)
 }
 
 /// How to run a program in a mount namespace of its own where `/etc/hosts` is `hosts`, so
@@ -86,21 +105,34 @@ pub fn server_with_hosts(
 
 /// Starts an auction-client named `name` against `stack` and the server on `server_port`.
 pub fn client(stack: &DevStack, name: &str, server_port: u16, env: &[(&str, String)]) -> Proc {
+    client_on(stack, None, name, &addr_on(None, server_port), env)
+}
+
+/// Starts an auction-client like [`client`], on `host` of a test network when given, asking
+/// the server at `server_addr` for its health.
+pub fn client_on(
+    stack: &DevStack,
+    host: Option<&Host>,
+    name: &str,
+    server_addr: &str,
+    env: &[(&str, String)],
+) -> Proc {
     let mut all = vec![
         ("REDIS_SENTINELS", stack.sentinels_csv()),
         ("BIDDER_NAME", name.to_owned()),
-        ("SERVER_ADDR", format!("127.0.0.1:{server_port}")),
-        ("HEALTH_ADDR", "127.0.0.1:0".to_owned()),
+        ("SERVER_ADDR", server_addr.to_owned()),
+        ("HEALTH_ADDR", addr_on(host, 0)),
     ];
     all.extend(env.iter().cloned());
-    Proc::spawn(stack.dir(), name, CLIENT, &[], &all)
+    Proc::spawn_on(host, stack.dir(), name, CLIENT, &[], &all)
 }
 
-/// A client for the Redis node on a loopback `port` (Redis 7.0 does not know the
-/// CLIENT SETINFO that redis-rs sends by default).
-pub fn loopback_client(port: u16) -> redis::Client {
+/// A client for the Redis node on `port`, at the address the kit gave it (loopback, or its
+/// host on a test network). Redis 7.0 does not know the CLIENT SETINFO that redis-rs sends
+/// by default.
+pub fn node_client(port: u16) -> redis::Client {
     redis::Client::open(
-        redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)
+        redis::ConnectionAddr::Tcp(auction_testkit::host_of(port), port)
             .into_connection_info()
             .expect("info")
             .set_redis_settings(redis::RedisConnectionInfo::default().set_skip_set_lib_name()),
@@ -111,7 +143,7 @@ pub fn loopback_client(port: u16) -> redis::Client {
 /// A multiplexed connection to the current master.
 pub async fn master_conn(stack: &DevStack) -> redis::aio::MultiplexedConnection {
     let port = stack.current_master_port().await.expect("master port");
-    loopback_client(port)
+    node_client(port)
         .get_multiplexed_async_connection_with_config(
             &redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -206,8 +238,18 @@ impl Grpcurl {
     }
 }
 
-/// Runs `grpcurl -plaintext [-H header] [-d data] ADDR METHOD`, bounded to 20 s.
+/// Runs `grpcurl -plaintext [-H header] [-d data] 127.0.0.1:PORT METHOD`, bounded to 20 s.
 pub async fn grpcurl(port: u16, method: &str, data: Option<&str>, header: Option<&str>) -> Grpcurl {
+    grpcurl_at(&addr_on(None, port), method, data, header).await
+}
+
+/// Runs `grpcurl -plaintext [-H header] [-d data] ADDR METHOD`, bounded to 20 s.
+pub async fn grpcurl_at(
+    addr: &str,
+    method: &str,
+    data: Option<&str>,
+    header: Option<&str>,
+) -> Grpcurl {
     let mut cmd = tokio::process::Command::new(grpcurl_bin());
     cmd.arg("-plaintext").arg("-max-time").arg("15");
     if let Some(h) = header {
@@ -216,7 +258,7 @@ pub async fn grpcurl(port: u16, method: &str, data: Option<&str>, header: Option
     if let Some(d) = data {
         cmd.arg("-d").arg(d);
     }
-    cmd.arg(format!("127.0.0.1:{port}"));
+    cmd.arg(addr);
     cmd.args(method.split_whitespace());
     cmd.kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
@@ -232,8 +274,13 @@ pub async fn grpcurl(port: u16, method: &str, data: Option<&str>, header: Option
 
 /// The grpc.health.v1 status of `service` on `port` ("SERVING", "NOT_SERVING", or the error).
 pub async fn health(port: u16, service: &str) -> String {
+    health_at(&addr_on(None, port), service).await
+}
+
+/// The grpc.health.v1 status of `service` at `addr`, as [`health`].
+pub async fn health_at(addr: &str, service: &str) -> String {
     let data = format!(r#"{{"service":"{service}"}}"#);
-    let out = grpcurl(port, "grpc.health.v1.Health/Check", Some(&data), None).await;
+    let out = grpcurl_at(addr, "grpc.health.v1.Health/Check", Some(&data), None).await;
     if out.ok {
         out.json()["status"].as_str().unwrap_or("?").to_owned()
     } else {
@@ -243,9 +290,14 @@ pub async fn health(port: u16, service: &str) -> String {
 
 /// Polls health until it equals `want`, bounded.
 pub async fn wait_health(port: u16, service: &str, want: &str, limit: Duration) {
-    let what = format!("health of {service:?} on {port} to be {want}");
+    wait_health_at(&addr_on(None, port), service, want, limit).await
+}
+
+/// Polls health at `addr` until it equals `want`, bounded.
+pub async fn wait_health_at(addr: &str, service: &str, want: &str, limit: Duration) {
+    let what = format!("health of {service:?} at {addr} to be {want}");
     eventually_every(&what, limit, Duration::from_millis(200), || async {
-        let got = health(port, service).await;
+        let got = health_at(addr, service).await;
         if got == want { Ok(()) } else { Err(got) }
     })
     .await

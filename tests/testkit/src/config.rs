@@ -2,9 +2,12 @@
 //! starts so a wrong shape fails with a sentence instead of a hung readiness wait.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
+
+use crate::net::Network;
 
 /// Redis's input and Pub/Sub output limits, sized for the wire: the same lines as
 /// `deploy/base/redis/redis.conf` (`tests/manifests.rs` checks that they agree; the README of
@@ -54,6 +57,10 @@ pub struct DevStackConfig {
     /// Sentinels are started from it with `--sentinel`, so no separate
     /// `redis-sentinel` binary is needed.
     pub redis_server: PathBuf,
+    /// Run every process on this network instead of loopback (default `None`): data node
+    /// `i` on the host named `redis{i}`, Sentinel `j` on `sentinel{j}`, so a test can cut
+    /// them apart ([`Network::cut`]).
+    pub network: Option<Arc<Network>>,
 }
 
 impl Default for DevStackConfig {
@@ -73,6 +80,7 @@ impl Default for DevStackConfig {
             probe_credentials: None,
             ready_timeout: Duration::from_secs(20),
             redis_server: PathBuf::from("redis-server"),
+            network: None,
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   processes, shaped by [`DevStackConfig`] ([`config`]), each process a `node` started on
 //!   a [`free_port`] ([`port`]) and checked ready by the probes in `probe`.
 //! - [`Process`] ([`process`]): our own binaries as child processes, logs kept, killed on drop.
+//! - [`Network`] ([`net`]): hosts in network namespaces of their own that a test can cut
+//!   apart and heal (partitions); a stack, servers and bidders can run on it.
 //! - [`Recorder`] ([`recorder`]): every event on the event channel, through failovers.
 //! - [`eventually`] ([`mod@eventually`]): the one bounded wait with a reason; [`info_field`]
 //!   reads an `INFO` reply.
@@ -15,6 +17,7 @@
 pub mod config;
 pub mod eventually;
 mod logfile;
+pub mod net;
 mod node;
 pub mod port;
 mod probe;
@@ -24,6 +27,7 @@ pub mod stack;
 
 pub use config::{DevStackConfig, WIRE_LIMITS};
 pub use eventually::{eventually, eventually_every};
+pub use net::{Host, Network, host_of};
 pub use port::free_port;
 pub use probe::info_field;
 pub use process::{Paused, Process};

@@ -1,11 +1,12 @@
 //! One Redis process (a data node or a Sentinel) owned by the kit: its directory, config
 //! file, port and child handle. A node is started on a fresh port and retried on another
-//! when it loses the race for it; dropping it kills and reaps the child.
+//! when it loses the race for it; dropping it kills and reaps the child. On a
+//! [`Network`](crate::net::Network) it runs in its host's namespace and binds its address.
 
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -14,6 +15,7 @@ use tokio::time::Instant;
 use crate::config::{DevStackConfig, WIRE_LIMITS};
 use crate::eventually::POLL_INTERVAL;
 use crate::logfile::{file_len, read_from, tail};
+use crate::net::{command_in, host_of, register};
 use crate::port::free_port;
 use crate::probe::server_pid;
 use crate::{LOG_TAIL_LINES, LOOPBACK};
@@ -53,6 +55,10 @@ pub(crate) struct Managed {
     /// detection only looks at what this attempt wrote.
     pub(crate) log_offsets: (u64, u64),
     pub(crate) child: Option<Child>,
+    /// The address it binds: loopback, or its host's data address on a network.
+    pub(crate) host: String,
+    /// The namespace it runs in, on a network.
+    pub(crate) netns: Option<String>,
 }
 
 impl Managed {
@@ -85,6 +91,8 @@ impl Managed {
             creds: None,
             log_offsets: (0, 0),
             child: None,
+            host: LOOPBACK.to_owned(),
+            netns: None,
         })
     }
 
@@ -127,7 +135,7 @@ impl Managed {
                 self.label
             )
         })?;
-        let mut command = Command::new(program);
+        let mut command = command_in(self.netns.as_deref(), program);
         command.arg(&self.conf_path);
         if self.kind == Kind::Sentinel {
             command.arg("--sentinel");
@@ -241,9 +249,10 @@ impl Managed {
             }
             if Instant::now() >= deadline {
                 return Err(StartError::Failed(anyhow!(
-                    "timed out after {timeout:?} waiting for {} to answer PING on {LOOPBACK}:{} \
+                    "timed out after {timeout:?} waiting for {} to answer PING on {}:{} \
                      (last error: {last})\n{}",
                     self.label,
+                    self.host,
                     self.port,
                     self.log_tail(LOG_TAIL_LINES)
                 )));
@@ -264,8 +273,9 @@ impl Managed {
             None => "not running".to_owned(),
         };
         let mut out = format!(
-            "----- {} on port {} ({state}) {} -----\n",
+            "----- {} on {}:{} ({state}) {} -----\n",
             self.label,
+            self.host,
             self.port,
             self.log_path.display()
         );
@@ -297,6 +307,9 @@ pub(crate) async fn launch(mut process: Managed, timeout: Duration) -> anyhow::R
     let mut collisions = Vec::new();
     for attempt in 1..=PORT_ATTEMPTS {
         process.port = free_port()?;
+        if process.netns.is_some() && !register(process.port, &process.host) {
+            continue;
+        }
         process.write_config()?;
         process.spawn()?;
         match process.wait_answering(timeout).await {
@@ -333,8 +346,9 @@ pub(crate) fn new_data_node(
         root.join(format!("node{index}")),
         &config.redis_server,
     )?;
+    place(&mut node, config, &format!("redis{index}"));
     let mut body = vec![
-        format!("bind {LOOPBACK}"),
+        format!("bind {}", node.host),
         "protected-mode no".to_owned(),
         format!("dir {}", quote_path(&node.work_dir)),
         format!("logfile {}", quote_path(&node.log_path)),
@@ -352,7 +366,7 @@ pub(crate) fn new_data_node(
         format!("min-replicas-max-lag {}", config.min_replicas_max_lag),
     ];
     if let Some(master_port) = master_port {
-        body.push(format!("replicaof {LOOPBACK} {master_port}"));
+        body.push(format!("replicaof {} {master_port}", host_of(master_port)));
     }
     body.extend(WIRE_LIMITS.iter().map(|line| (*line).to_owned()));
     body.extend(config.extra_redis_conf.iter().cloned());
@@ -373,16 +387,18 @@ pub(crate) fn new_sentinel(
         root.join(format!("sentinel{index}")),
         &config.redis_server,
     )?;
+    place(&mut sentinel, config, &format!("sentinel{index}"));
     let name = &config.master_name;
     let mut body = vec![
-        format!("bind {LOOPBACK}"),
+        format!("bind {}", sentinel.host),
         "protected-mode no".to_owned(),
         format!("dir {}", quote_path(&sentinel.work_dir)),
         format!("logfile {}", quote_path(&sentinel.log_path)),
         "daemonize no".to_owned(),
         // `monitor` must precede the per-master settings that name it.
         format!(
-            "sentinel monitor {name} {LOOPBACK} {master_port} {}",
+            "sentinel monitor {name} {} {master_port} {}",
+            host_of(master_port),
             config.quorum
         ),
         format!(
@@ -398,6 +414,15 @@ pub(crate) fn new_sentinel(
     body.extend(config.extra_sentinel_conf.iter().cloned());
     sentinel.body = body;
     Ok(sentinel)
+}
+
+/// Puts `process` on the network host `name` when the stack runs on a network.
+fn place(process: &mut Managed, config: &DevStackConfig, name: &str) {
+    if let Some(net) = &config.network {
+        let host = net.host(name);
+        process.host = host.ip.clone();
+        process.netns = Some(host.netns.clone());
+    }
 }
 
 /// Quotes a path for a Redis config file, which splits on whitespace and

@@ -11,10 +11,11 @@ use futures_util::future::join_all;
 use redis::IntoConnectionInfo as _;
 use redis::aio::MultiplexedConnection;
 
+use crate::LOG_TAIL_LINES;
 use crate::config::DevStackConfig;
 use crate::eventually::poll_until;
+use crate::net::host_of;
 use crate::node::Managed;
-use crate::{LOG_TAIL_LINES, LOOPBACK};
 
 /// Per-probe bounds. Short, because a probe that does not answer quickly is
 /// simply retried on the next poll until the overall readiness deadline.
@@ -272,7 +273,7 @@ pub(crate) async fn connect(
     if let Some((user, password)) = creds {
         settings = settings.set_username(user).set_password(password);
     }
-    let info = redis::ConnectionAddr::Tcp(LOOPBACK.to_owned(), port)
+    let info = redis::ConnectionAddr::Tcp(host_of(port), port)
         .into_connection_info()?
         .set_redis_settings(settings);
     let client = redis::Client::open(info)?;
@@ -284,7 +285,7 @@ pub(crate) async fn connect(
         .await
 }
 
-async fn info_section(
+pub(crate) async fn info_section(
     port: u16,
     creds: Option<&(String, String)>,
     section: &str,

@@ -27,10 +27,23 @@ impl Process {
         args: &[String],
         env: &[(&str, String)],
     ) -> Process {
+        Process::spawn_on(None, dir, name, bin, args, env)
+    }
+
+    /// Like [`Process::spawn`], inside `host`'s network namespace when one is given (see
+    /// [`crate::Network`]); the program is exec'd there, so the pid is its own.
+    pub fn spawn_on(
+        host: Option<&crate::Host>,
+        dir: &Path,
+        name: &str,
+        bin: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Process {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create a log file in the stack's temp dir");
         let err = out.try_clone().expect("clone a log file handle");
-        let mut cmd = std::process::Command::new(bin);
+        let mut cmd = crate::net::command_in(host.map(|h| h.netns.as_str()), bin);
         cmd.args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::from(out))

@@ -7,7 +7,7 @@
 //! Sentinel names, so a recorder started before a failover keeps recording after it;
 //! events published while it resubscribes are lost, as for any Pub/Sub subscriber.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,35 @@ struct Record {
     arrived: Vec<Instant>,
     /// Messages that are not v1 events (the prototype's dialect), as text.
     others: Vec<String>,
+    /// Indexes over `events`, so the questions a busy bidder asks every tick
+    /// ([`Recorder::outcome_of`], [`Recorder::next_min`]) cost one lookup, not a scan of a
+    /// record that grows to tens of thousands of events in a chaos run.
+    answered: HashSet<String>,
+    next_min: HashMap<String, u64>,
+}
+
+impl Record {
+    fn push(&mut self, e: Event) {
+        if let Some(bid_id) = e.bid_id() {
+            self.answered.insert(bid_id.to_owned());
+        }
+        if let Event::BidAccepted {
+            auction_id,
+            next_min,
+            ..
+        } = &e
+        {
+            self.next_min.insert(auction_id.clone(), *next_min);
+        }
+        self.events.push(e);
+        self.arrived.push(Instant::now());
+    }
+
+    /// Events that arrived after `t`, with their arrival times (arrivals are in order).
+    fn since(&self, t: Instant) -> impl Iterator<Item = (&Instant, &Event)> {
+        let from = self.arrived.partition_point(|at| *at <= t);
+        self.arrived[from..].iter().zip(&self.events[from..])
+    }
 }
 
 type Seen = Arc<Mutex<Record>>;
@@ -65,10 +94,7 @@ impl Recorder {
                 let decoded = Event::from_json(&msg.payload);
                 let mut r = lock(&record);
                 match decoded {
-                    Ok(e) => {
-                        r.events.push(e);
-                        r.arrived.push(Instant::now());
-                    }
+                    Ok(e) => r.push(e),
                     Err(_) => r
                         .others
                         .push(String::from_utf8_lossy(&msg.payload).into_owned()),
@@ -195,22 +221,21 @@ impl Recorder {
 
     /// Whether any outcome of `bid_id` was seen.
     pub fn outcome_of(&self, bid_id: &str) -> bool {
-        lock(&self.seen)
-            .events
-            .iter()
-            .any(|e| e.bid_id() == Some(bid_id))
+        lock(&self.seen).answered.contains(bid_id)
+    }
+
+    /// Whether any outcome of a bid by `bidder` arrived after `t`.
+    pub fn heard_from_after(&self, bidder: &str, t: Instant) -> bool {
+        lock(&self.seen).since(t).any(|(_, e)| match e {
+            Event::BidAccepted { bidder: b, .. } => b == bidder,
+            Event::BidRejected { bidder: b, .. } => b.as_deref() == Some(bidder),
+            _ => false,
+        })
     }
 
     /// `next_min` of the latest `bid_accepted` of `auction`.
     pub fn next_min(&self, auction: &str) -> Option<u64> {
-        lock(&self.seen).events.iter().rev().find_map(|e| match e {
-            Event::BidAccepted {
-                auction_id,
-                next_min,
-                ..
-            } if auction_id == auction => Some(*next_min),
-            _ => None,
-        })
+        lock(&self.seen).next_min.get(auction).copied()
     }
 
     /// Arrival of the first `bid_accepted` after `t` (optionally only for some auctions).
@@ -219,10 +244,9 @@ impl Recorder {
         t: Instant,
         auctions: Option<&HashSet<String>>,
     ) -> Option<Instant> {
-        let r = lock(&self.seen);
-        r.arrived.iter().zip(&r.events).find_map(|(at, e)| match e {
+        lock(&self.seen).since(t).find_map(|(at, e)| match e {
             Event::BidAccepted { auction_id, .. }
-                if *at > t && auctions.is_none_or(|set| set.contains(auction_id)) =>
+                if auctions.is_none_or(|set| set.contains(auction_id)) =>
             {
                 Some(*at)
             }

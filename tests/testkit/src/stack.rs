@@ -21,15 +21,16 @@ use anyhow::{Context, anyhow, bail};
 use futures_util::future::try_join_all;
 use tokio::time::Instant;
 
+use crate::LOG_TAIL_LINES;
 use crate::config::DevStackConfig;
 use crate::eventually::poll_until;
+use crate::net::host_of;
 use crate::node::{Managed, StartError, launch, new_data_node, new_sentinel};
 use crate::probe::{
     probe_failover, probe_master_online, probe_rejoined, probe_subscribers, sentinel_master_port,
     wait_for_replication, wait_for_sentinels,
 };
 use crate::process::Paused;
-use crate::{LOG_TAIL_LINES, LOOPBACK};
 
 /// A running master + replicas + Sentinels topology on 127.0.0.1.
 ///
@@ -112,11 +113,11 @@ impl DevStack {
         })
     }
 
-    /// Sentinel addresses as `127.0.0.1:PORT`, one per Sentinel.
+    /// Sentinel addresses as `HOST:PORT` (`127.0.0.1`, or data addresses on a network).
     pub fn sentinel_addrs(&self) -> Vec<String> {
         self.sentinels
             .iter()
-            .map(|s| format!("{LOOPBACK}:{}", s.port))
+            .map(|s| format!("{}:{}", host_of(s.port), s.port))
             .collect()
     }
 
@@ -160,13 +161,14 @@ impl DevStack {
         self.nodes.iter().position(|n| n.port == port)
     }
 
-    /// `redis://127.0.0.1:PORT/` for data node `index`, for direct connections
+    /// `redis://HOST:PORT/` for data node `index`, for direct connections
     /// that bypass Sentinel (e.g. to check what a specific node holds).
     ///
     /// # Panics
     /// If `index` is out of range, as [`DevStack::node_port`].
     pub fn node_url(&self, index: usize) -> String {
-        format!("redis://{LOOPBACK}:{}/", self.node_port(index))
+        let port = self.node_port(index);
+        format!("redis://{}:{port}/", host_of(port))
     }
 
     /// Whether data node `index` is currently running (false after
