@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 source scripts/prereqs.sh
 ensure_grpcurl
 ensure_netns_tools
-rm -f target/chaos/figures.json
+rm -f target/chaos/figures.json target/model/report.json
 cargo test --workspace --all-targets --locked -- "$@"
 if [ -f target/chaos/figures.json ]; then
   echo "chaos figures (tests/chaos.rs, also in target/chaos/figures.json):"
   cat target/chaos/figures.json
+fi
+if [ -f target/model/report.json ]; then
+  echo "protocol model (tests/model, also in target/model/report.json):"
+  cat target/model/report.json
 fi
