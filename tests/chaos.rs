@@ -323,21 +323,9 @@ fn host_names() -> Vec<String> {
 /// The test network, or `None` (with the reason printed) where namespaces are refused;
 /// under CI that is a failure: CI runs as root and must run the partitions.
 fn network() -> Option<Arc<Network>> {
-    if !Network::permitted() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the partitions, but this machine refuses network namespaces: run the tests as root with iproute2 installed"
-        );
-        eprintln!(
-            "SKIPPED partitions: network namespaces are refused here (run as root with iproute2 for them); the other faults run on loopback"
-        );
-        return None;
-    }
     let names = host_names();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    Some(Arc::new(
-        Network::create(&names).unwrap_or_else(|e| panic!("the test network: {e:#}")),
-    ))
+    Network::for_test(&names, "partitions (the other faults run on loopback)").map(Arc::new)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

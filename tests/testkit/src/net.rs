@@ -63,6 +63,26 @@ impl Network {
         made
     }
 
+    /// For a test: the network of `hosts`, or `None` where this machine refuses network
+    /// namespaces, after printing that `skipped` is skipped and why. Under CI (`CI` set) a
+    /// refusal fails instead: CI runs as root and must run what needs the network.
+    ///
+    /// # Panics
+    /// Under CI when namespaces are refused, and whenever creating the network fails.
+    pub fn for_test(hosts: &[&str], skipped: &str) -> Option<Network> {
+        if !Network::permitted() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run {skipped}, but this machine refuses network namespaces: run the tests as root with iproute2 installed"
+            );
+            eprintln!(
+                "SKIPPED {skipped}: network namespaces are refused here (run as root with iproute2 for them)"
+            );
+            return None;
+        }
+        Some(Network::create(hosts).unwrap_or_else(|e| panic!("the test network: {e:#}")))
+    }
+
     /// Creates one namespace per name in `hosts`, each with its data and management links.
     pub fn create(hosts: &[&str]) -> anyhow::Result<Network> {
         if hosts.is_empty() || hosts.len() > 60 {
@@ -329,16 +349,11 @@ mod tests {
     /// a replica promoted, and the test still reaches the old master through its own link.
     #[tokio::test]
     async fn a_cut_master_is_replaced_and_stays_reachable_from_the_test() {
-        if !Network::permitted() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must be able to create network namespaces (run as root)"
-            );
-            eprintln!("SKIPPED: network namespaces are not permitted here (run as root)");
-            return;
-        }
         let names = ["redis0", "redis1", "sentinel0", "sentinel1", "sentinel2"];
-        let net = Arc::new(Network::create(&names).expect("network"));
+        let Some(net) = Network::for_test(&names, "the cut-master test") else {
+            return;
+        };
+        let net = Arc::new(net);
         let stack = DevStack::start(DevStackConfig {
             replicas: 1,
             network: Some(net.clone()),
