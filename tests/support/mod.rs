@@ -48,12 +48,23 @@ pub fn server_on(
     port: u16,
     env: &[(&str, String)],
 ) -> Proc {
+    let all = server_env(stack, host, port, env);
+    Proc::spawn_on(host, stack.dir(), name, SERVER, &[], &all)
+}
+
+/// A server's environment: `stack`'s Sentinels, gRPC on `port` on `host`, then `env`.
+fn server_env<'a>(
+    stack: &DevStack,
+    host: Option<&Host>,
+    port: u16,
+    env: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
     let mut all = vec![
         ("REDIS_SENTINELS", stack.sentinels_csv()),
         ("GRPC_ADDR", addr_on(host, port)),
     ];
     all.extend(env.iter().cloned());
-    Proc::spawn_on(host, stack.dir(), name, SERVER, &[], &all)
+    all
 }
 
 /// How to run a program in a mount namespace of its own where `/etc/hosts` is `hosts`, so
@@ -95,11 +106,7 @@ pub fn server_with_hosts(
 ) -> Option<Proc> {
     let (bin, mut args) = with_hosts(stack.dir(), name, hosts)?;
     args.push(SERVER.to_owned());
-    let mut all = vec![
-        ("REDIS_SENTINELS", stack.sentinels_csv()),
-        ("GRPC_ADDR", format!("127.0.0.1:{port}")),
-    ];
-    all.extend(env.iter().cloned());
+    let all = server_env(stack, None, port, env);
     Some(Proc::spawn(stack.dir(), name, &bin, &args, &all))
 }
 
