@@ -380,37 +380,25 @@ async fn run() {
     let mut admin = AuctionAdminClient::connect(format!("http://{}", server_addrs[0]))
         .await
         .expect("admin");
+    // The main auctions first (`ids[..AUCTIONS]`), then the short ones, closing 22 s apart.
+    let main = (0..AUCTIONS).map(|i| (format!("chaos-{i}"), format!("lot {i}"), AUCTION_SECONDS));
+    let closing = (0..CLOSING).map(|k| {
+        let seconds = 25 + 22 * k as i64;
+        (
+            format!("chaos-closing-{k}"),
+            format!("closing lot {k}"),
+            seconds,
+        )
+    });
     let mut ids = Vec::new();
-    for i in 0..AUCTIONS {
-        let id = format!("chaos-{i}");
+    for (id, item, seconds) in main.chain(closing) {
         admin
             .open_auction(pb::OpenAuctionRequest {
-                item: format!("lot {i}"),
+                item,
                 starting_price: 100,
                 min_increment: 5,
                 auction_id: id.clone(),
-                duration: Some(prost_types::Duration {
-                    seconds: AUCTION_SECONDS,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .expect("open");
-        ids.push(id);
-    }
-    for k in 0..CLOSING {
-        let id = format!("chaos-closing-{k}");
-        admin
-            .open_auction(pb::OpenAuctionRequest {
-                item: format!("closing lot {k}"),
-                starting_price: 100,
-                min_increment: 5,
-                auction_id: id.clone(),
-                duration: Some(prost_types::Duration {
-                    seconds: 25 + 22 * k as i64,
-                    nanos: 0,
-                }),
+                duration: Some(prost_types::Duration { seconds, nanos: 0 }),
                 ..Default::default()
             })
             .await
