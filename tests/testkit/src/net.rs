@@ -32,7 +32,7 @@ pub struct Host {
     /// The host's address on the data network, reachable from the test's own namespace too.
     pub ip: String,
     /// The data link's end in the hub, moved between the bridges to cut and heal.
-    port: String,
+    hub_link: String,
 }
 
 /// Hosts in network namespaces joined by a hub that [`Network::cut`] can split. Deleted on
@@ -120,11 +120,11 @@ impl Network {
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         // Data link: host end `data`, hub end `h{n}` on the main bridge.
-        let port = format!("h{n}");
+        let hub_link = format!("h{n}");
         let tmp = format!("a{r}d{n}");
         ip(&[
-            "link", "add", &tmp, "netns", &netns, "type", "veth", "peer", "name", &port, "netns",
-            &self.hub,
+            "link", "add", &tmp, "netns", &netns, "type", "veth", "peer", "name", &hub_link,
+            "netns", &self.hub,
         ])?;
         ip(&["-n", &netns, "link", "set", &tmp, "name", "data"])?;
         let data_ip = format!("10.{r}.0.{n}");
@@ -138,8 +138,8 @@ impl Network {
             "data",
         ])?;
         ip(&["-n", &netns, "link", "set", "data", "up"])?;
-        ip(&["-n", &self.hub, "link", "set", &port, "master", "main"])?;
-        ip(&["-n", &self.hub, "link", "set", &port, "up"])?;
+        ip(&["-n", &self.hub, "link", "set", &hub_link, "master", "main"])?;
+        ip(&["-n", &self.hub, "link", "set", &hub_link, "up"])?;
         // Management link: `a{r}m{n}` here, `mgmt` in the host, a /30 of its own; the test
         // reaches the data address through it (a host route), never through the hub.
         let ours = format!("a{r}m{n}");
@@ -172,7 +172,7 @@ impl Network {
         Ok(Host {
             netns,
             ip: data_ip,
-            port,
+            hub_link,
         })
     }
 
@@ -192,7 +192,15 @@ impl Network {
         let mut cut = self.cut.lock().map_err(|_| anyhow!("cut list poisoned"))?;
         for name in names {
             let host = self.host(name);
-            ip(&["-n", &self.hub, "link", "set", &host.port, "master", "cut"])?;
+            ip(&[
+                "-n",
+                &self.hub,
+                "link",
+                "set",
+                &host.hub_link,
+                "master",
+                "cut",
+            ])?;
             cut.push((*name).to_owned());
         }
         Ok(())
@@ -203,7 +211,15 @@ impl Network {
         let mut cut = self.cut.lock().map_err(|_| anyhow!("cut list poisoned"))?;
         for name in cut.drain(..) {
             let host = self.host(&name);
-            ip(&["-n", &self.hub, "link", "set", &host.port, "master", "main"])?;
+            ip(&[
+                "-n",
+                &self.hub,
+                "link",
+                "set",
+                &host.hub_link,
+                "master",
+                "main",
+            ])?;
         }
         Ok(())
     }
